@@ -1,0 +1,1 @@
+"""Regularized LSTM language models: flipout, weight drop and the classic recurrent baselines."""

@@ -1,0 +1,375 @@
+"""Recipes: typed, validated configuration loaded from YAML with ``key.path=value`` overrides.
+
+A recipe is a YAML mapping with the sections ``data``, ``model`` (with a nested ``lstm``),
+``optim`` and ``train``. Every field is declared below with its type and default; a recipe only
+names what differs from the defaults. Loading checks, before anything runs:
+
+- every key exists (a typo gets the closest valid key as a suggestion),
+- every value has the declared type (ints are accepted where floats are expected),
+- every value is in range (probabilities in [0, 1), positive sizes, choices from a list).
+
+Any violation raises :class:`lm.errors.ConfigError` with a one-line message naming the key path.
+"""
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, Optional
+
+import yaml
+
+from lm.data.ptb import PTB_URL
+from lm.errors import ConfigError
+
+
+@dataclass
+class DataConfig:
+    level: Literal["char", "word"] = "char"
+    root: Optional[str] = None  # None: $LM_DATA_ROOT, else data/ptb
+    url: str = PTB_URL
+    download: bool = True
+    batch_size: int = 32
+    bptt: int = 100
+    # Shuffled non-overlapping sequences (the paper's character setting) cannot carry state.
+    shuffle: bool = False
+    carry_state: bool = True
+    variable_bptt: bool = False
+    eval_batch_size: int = 10
+    eval_bptt: Optional[int] = None  # None: same as bptt
+
+
+@dataclass
+class LSTMConfig:
+    """Arguments of :class:`lm.nn.LSTM`'s regularizers, by their constructor names."""
+
+    weight_drop: float = 0.0
+    weight_noise: float = 0.0
+    input_weight_drop: float = 0.0
+    input_weight_noise: float = 0.0
+    flipout: bool = False
+    hidden_dropout: float = 0.0
+    zoneout_cell: float = 0.0
+    zoneout_hidden: float = 0.0
+    cell_dropout: float = 0.0
+    cell_dropout_per_step: bool = True
+
+
+@dataclass
+class ModelConfig:
+    input: Literal["embedding", "onehot"] = "embedding"
+    embedding_size: int = 650
+    hidden_size: int = 650
+    num_layers: int = 2
+    tie_weights: bool = False
+    init: Literal["default", "orthogonal"] = "default"
+    # Non-recurrent dropout: "locked" samples one mask per sequence (Gal, AWD-LSTM),
+    # "standard" a new mask per time step (Zaremba).
+    dropout_type: Literal["locked", "standard"] = "locked"
+    embedding_dropout: float = 0.0  # drops whole word types (rows of the embedding)
+    input_dropout: float = 0.0
+    layer_dropout: float = 0.0
+    output_dropout: float = 0.0
+    lstm: LSTMConfig = field(default_factory=LSTMConfig)
+
+
+@dataclass
+class OptimConfig:
+    name: Literal["amsgrad", "adam", "sgd"] = "amsgrad"
+    lr: float = 0.002
+    weight_decay: float = 0.0
+    betas: tuple[float, float] = (0.9, 0.999)
+    eps: float = 1e-8
+    clip: float = 1.0  # max gradient norm; 0 turns clipping off
+    # constant | decay: divide lr by lr_decay when the non-monotonic criterion fires |
+    # ntasgd: switch to averaged SGD on the same trigger (Merity et al. 2017).
+    schedule: Literal["constant", "decay", "ntasgd"] = "constant"
+    nonmono: int = 5
+    lr_decay: float = 4.0
+
+
+@dataclass
+class TrainConfig:
+    epochs: int = 50
+    max_steps: int = 0  # 0: no bound besides epochs
+    seed: int = 1111
+    device: str = "auto"  # auto | cpu | cuda | cuda:N
+    run_name: Optional[str] = None  # None: the recipe's file name
+    out_dir: str = "checkpoints"
+    eval_every: int = 0  # steps; 0: once per epoch
+    checkpoint_every: int = 0  # steps; 0: once per epoch
+    keep_checkpoints: int = 3
+    log_every: int = 50
+    patience: int = 0  # evaluations without improvement before stopping; 0: never
+    ar: float = 0.0  # activation regularization (AWD-LSTM alpha)
+    tar: float = 0.0  # temporal activation regularization (AWD-LSTM beta)
+    on_nonfinite: Literal["error", "skip"] = "error"
+    tensorboard: bool = True
+    progress: bool = True
+
+
+@dataclass
+class Config:
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+
+    def to_dict(self) -> dict:
+        return _plain(dataclasses.asdict(self))
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.to_dict(), sort_keys=False)
+
+
+def _plain(obj):
+    """Tuples become lists so that YAML and torch.load(weights_only=True) both read them back."""
+    if isinstance(obj, dict):
+        return {k: _plain(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_plain(v) for v in obj]
+    return obj
+
+
+# ----------------------------------------------------------------------------- building
+
+
+def _type_name(tp) -> str:
+    origin = typing.get_origin(tp)
+    if origin is Literal:
+        return "one of " + ", ".join(repr(a) for a in typing.get_args(tp))
+    if origin in (typing.Union, types.UnionType):
+        args = [a for a in typing.get_args(tp) if a is not type(None)]
+        return " or ".join(_type_name(a) for a in args) + " or null"
+    if origin is tuple:
+        return "a list of " + str(len(typing.get_args(tp))) + " numbers"
+    return getattr(tp, "__name__", str(tp))
+
+
+def _coerce(value, tp, path: str):
+    """Return ``value`` as type ``tp`` or raise ConfigError naming ``path``."""
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        args = typing.get_args(tp)
+        if value is None and type(None) in args:
+            return None
+        inner = [a for a in args if a is not type(None)]
+        return _coerce(value, inner[0], path)
+    if origin is Literal:
+        choices = typing.get_args(tp)
+        if value not in choices:
+            hint = difflib.get_close_matches(str(value), [str(c) for c in choices], n=1)
+            extra = f" (did you mean {hint[0]!r}?)" if hint else ""
+            raise ConfigError(f"{path}: {value!r} is not {_type_name(tp)}{extra}")
+        return value
+    if origin is tuple:
+        args = typing.get_args(tp)
+        if not isinstance(value, (list, tuple)) or len(value) != len(args):
+            raise ConfigError(f"{path}: expected {_type_name(tp)}, got {value!r}")
+        return tuple(_coerce(v, a, f"{path}[{i}]") for i, (v, a) in enumerate(zip(value, args)))
+    if tp is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(f"{path}: expected true or false, got {value!r}")
+        return value
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"{path}: expected an integer, got {value!r}")
+        return value
+    if tp is float:
+        if isinstance(value, str):  # PyYAML reads 1e-3 (no dot) as a string
+            try:
+                return float(value)
+            except ValueError:
+                pass
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(f"{path}: expected a number, got {value!r}")
+        return float(value)
+    if tp is str:
+        if not isinstance(value, str):
+            raise ConfigError(f"{path}: expected a string, got {value!r}")
+        return value
+    raise TypeError(f"unsupported config type {tp!r} at {path}")  # a bug in this module
+
+
+def _build(cls, raw, path: str):
+    """Build dataclass ``cls`` from a mapping, rejecting unknown keys and wrong types."""
+    if raw is None:
+        raw = {}
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{path or 'recipe'}: expected a mapping of keys, got {raw!r}")
+    hints = typing.get_type_hints(cls)
+    names = [f.name for f in dataclasses.fields(cls)]
+    for key in raw:
+        if key not in names:
+            where = f"{path}.{key}" if path else str(key)
+            hint = difflib.get_close_matches(str(key), names, n=1)
+            extra = f" (did you mean '{(path + '.') if path else ''}{hint[0]}'?)" if hint else ""
+            raise ConfigError(f"unknown config key '{where}'{extra}")
+    kwargs = {}
+    for name in names:
+        if name not in raw:
+            continue
+        tp = hints[name]
+        sub = f"{path}.{name}" if path else name
+        if dataclasses.is_dataclass(tp):
+            kwargs[name] = _build(tp, raw[name], sub)
+        else:
+            kwargs[name] = _coerce(raw[name], tp, sub)
+    return cls(**kwargs)
+
+
+# ----------------------------------------------------------------------------- validation
+
+
+def _check(cond: bool, path: str, msg: str):
+    if not cond:
+        raise ConfigError(f"{path}: {msg}")
+
+
+def _prob(value: float, path: str):
+    _check(0.0 <= value < 1.0, path, f"{value} is not a probability in [0, 1)")
+
+
+def validate(cfg: Config) -> Config:
+    """Range and consistency checks that types alone cannot express."""
+    d, m, o, t, r = cfg.data, cfg.model, cfg.optim, cfg.train, cfg.model.lstm
+    for name in ("batch_size", "bptt", "eval_batch_size"):
+        _check(getattr(d, name) > 0, f"data.{name}", f"must be positive, got {getattr(d, name)}")
+    if d.eval_bptt is not None:
+        _check(d.eval_bptt > 0, "data.eval_bptt", f"must be positive, got {d.eval_bptt}")
+    _check(not (d.shuffle and d.carry_state), "data.carry_state",
+           "shuffled sequences cannot carry the hidden state; set data.carry_state=false "
+           "or data.shuffle=false")
+    _check(not (d.shuffle and d.variable_bptt), "data.variable_bptt",
+           "variable-length BPTT needs a contiguous stream; set data.shuffle=false")
+    for name in ("embedding_size", "hidden_size", "num_layers"):
+        _check(getattr(m, name) > 0, f"model.{name}", f"must be positive, got {getattr(m, name)}")
+    for name in ("embedding_dropout", "input_dropout", "layer_dropout", "output_dropout"):
+        _prob(getattr(m, name), f"model.{name}")
+    if m.input == "onehot":
+        _check(m.embedding_dropout == 0.0, "model.embedding_dropout",
+               "one-hot input has no embedding to drop; set it to 0 or model.input=embedding")
+        _check(not m.tie_weights, "model.tie_weights",
+               "one-hot input has no embedding to tie; set it to false")
+    for name in ("weight_drop", "input_weight_drop", "hidden_dropout", "zoneout_cell",
+                 "zoneout_hidden", "cell_dropout"):
+        _prob(getattr(r, name), f"model.lstm.{name}")
+    for name in ("weight_noise", "input_weight_noise"):
+        _check(getattr(r, name) >= 0.0, f"model.lstm.{name}",
+               f"a noise standard deviation must be >= 0, got {getattr(r, name)}")
+    if r.flipout:
+        _check(any([r.weight_drop, r.weight_noise, r.input_weight_drop, r.input_weight_noise]),
+               "model.lstm.flipout", "flipout needs a weight perturbation; set "
+               "model.lstm.weight_drop=0.5 or model.lstm.weight_noise>0")
+        for name in ("weight_drop", "input_weight_drop"):
+            p = getattr(r, name)
+            _check(p in (0.0, 0.5), f"model.lstm.{name}",
+                   f"flipout DropConnect needs exactly 0.5 (only p=0.5 is symmetric about the "
+                   f"mean), got {p}; use 0.5 or model.lstm.weight_noise for Gaussian flipout")
+    _check(o.lr > 0, "optim.lr", f"must be positive, got {o.lr}")
+    _check(o.weight_decay >= 0, "optim.weight_decay", f"must be >= 0, got {o.weight_decay}")
+    _check(all(0.0 <= b < 1.0 for b in o.betas), "optim.betas", f"each must be in [0, 1), got {list(o.betas)}")
+    _check(o.eps > 0, "optim.eps", f"must be positive, got {o.eps}")
+    _check(o.clip >= 0, "optim.clip", f"must be >= 0 (0 turns clipping off), got {o.clip}")
+    _check(o.nonmono > 0, "optim.nonmono", f"must be positive, got {o.nonmono}")
+    _check(o.lr_decay > 1.0, "optim.lr_decay", f"must be > 1, got {o.lr_decay}")
+    _check(not (o.schedule == "ntasgd" and o.name != "sgd"), "optim.schedule",
+           "ntasgd averages SGD iterates; set optim.name=sgd")
+    _check(t.epochs > 0, "train.epochs", f"must be positive, got {t.epochs}")
+    for name in ("max_steps", "eval_every", "checkpoint_every", "patience"):
+        _check(getattr(t, name) >= 0, f"train.{name}", f"must be >= 0, got {getattr(t, name)}")
+    for name in ("keep_checkpoints", "log_every"):
+        _check(getattr(t, name) > 0, f"train.{name}", f"must be positive, got {getattr(t, name)}")
+    for name in ("ar", "tar"):
+        _check(getattr(t, name) >= 0, f"train.{name}", f"must be >= 0, got {getattr(t, name)}")
+    _check(t.device == "auto" or t.device == "cpu" or t.device.startswith("cuda"), "train.device",
+           f"{t.device!r} is not auto, cpu, cuda or cuda:N")
+    if t.run_name is not None:
+        _check(bool(t.run_name) and "/" not in t.run_name and t.run_name not in (".", ".."),
+               "train.run_name", f"{t.run_name!r} must be a plain folder name")
+    return cfg
+
+
+# ----------------------------------------------------------------------------- loading
+
+
+def parse_override(text: str) -> tuple[list[str], Any]:
+    """``'optim.lr=0.5'`` -> ``(['optim', 'lr'], 0.5)``; the value is read as YAML."""
+    if "=" not in text:
+        raise ConfigError(f"override {text!r} is not of the form key.path=value "
+                          f"(e.g. train.epochs=2)")
+    key, _, value = text.partition("=")
+    key = key.strip()
+    if not key or any(not part for part in key.split(".")):
+        raise ConfigError(f"override {text!r} has an empty key; write key.path=value")
+    try:
+        parsed = yaml.safe_load(value) if value.strip() else None
+    except yaml.YAMLError:
+        parsed = value  # not YAML: take it as a plain string
+    return key.split("."), parsed
+
+
+def apply_override(raw: dict, keys: list[str], value) -> None:
+    """Set ``raw[k0][k1]...`` = value, checking every key against the schema first."""
+    cls: Any = Config
+    node = raw
+    for depth, key in enumerate(keys):
+        path = ".".join(keys[: depth + 1])
+        names = [f.name for f in dataclasses.fields(cls)]
+        if key not in names:
+            prefix = ".".join(keys[:depth])
+            hint = difflib.get_close_matches(key, names, n=1)
+            extra = f" (did you mean '{(prefix + '.') if prefix else ''}{hint[0]}'?)" if hint else ""
+            raise ConfigError(f"override of unknown config key '{path}'{extra}")
+        tp = typing.get_type_hints(cls)[key]
+        last = depth == len(keys) - 1
+        if last:
+            node[key] = value
+            return
+        if not dataclasses.is_dataclass(tp):
+            raise ConfigError(f"override '{'.'.join(keys)}': '{path}' is a value, not a section")
+        if not isinstance(node.get(key), dict):
+            node[key] = {}
+        node, cls = node[key], tp
+
+
+def read_recipe(path: str | Path) -> dict:
+    """The raw mapping of a recipe file; YAML errors come back with their line number."""
+    p = Path(path)
+    if not p.is_file():
+        raise ConfigError(f"recipe file {str(p)!r} not found; pass a YAML file such as "
+                          f"recipes/char_ptb.yaml")
+    try:
+        raw = yaml.safe_load(p.read_text(encoding="utf-8"))
+    except UnicodeDecodeError:
+        raise ConfigError(f"recipe file {str(p)!r} is not UTF-8 text") from None
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f" line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
+        raise ConfigError(f"recipe {str(p)!r}:{where}: YAML syntax error: {problem}") from None
+    if raw is None:
+        raw = {}
+    if not isinstance(raw, dict):
+        raise ConfigError(f"recipe {str(p)!r} must be a mapping of sections (data, model, "
+                          f"optim, train), got {type(raw).__name__}")
+    return raw
+
+
+def config_from_dict(raw: dict) -> Config:
+    return validate(_build(Config, raw, ""))
+
+
+def load_config(recipe: str | Path | None, overrides: list[str] = ()) -> Config:
+    """Read a recipe, apply ``key.path=value`` overrides, and validate the result."""
+    raw = read_recipe(recipe) if recipe is not None else {}
+    for text in overrides:
+        keys, value = parse_override(text)
+        apply_override(raw, keys, value)
+    cfg = config_from_dict(raw)
+    if cfg.train.run_name is None and recipe is not None:
+        cfg.train.run_name = Path(recipe).stem
+    return cfg

@@ -1,0 +1,241 @@
+"""Cutting a 1-D token stream into (time, batch) training and evaluation batches.
+
+All tensors are time-major: ``(T, B)``. A target is always the token that follows
+its input token in the stream.
+
+Training (:class:`TrainStream`) has two layouts:
+
+* ``shuffle=False`` (word level; character level with the state carried): the
+  stream ``x[0..N)`` is truncated to ``R * B`` tokens, ``R = N // B``, and laid out in
+  ``B`` contiguous columns, column ``b`` holding ``x[b*R : (b+1)*R]``; row ``t`` is
+  ``(x[t], x[R+t], x[2R+t], ...)``. Batch ``k`` covers rows ``[i, i+L)`` as input and
+  rows ``[i+1, i+1+L)`` as target, consecutive batches following each other so the
+  trainer can carry the hidden state across them. One epoch predicts ``(R-1) * B``
+  tokens in ``ceil((R-1) / bptt)`` batches (fixed BPTT).
+* ``shuffle=True`` (character level as in the paper, state not carried): the stream
+  is cut into ``S = (N-1) // bptt`` non-overlapping sequences of ``bptt + 1`` tokens,
+  sequence ``s`` being ``x[s*bptt : s*bptt + bptt + 1]`` (consecutive sequences share
+  one boundary token), with input ``seq[:-1]`` and target ``seq[1:]``. Each epoch
+  permutes the sequences and groups them ``B`` at a time, dropping the last incomplete
+  batch: ``S // B`` batches of ``(bptt, B)``.
+
+Variable BPTT (AWD-LSTM style, only with ``shuffle=False``): for each batch,
+``base = bptt`` with probability 0.95 else ``bptt / 2``;
+``L = max(5, int(base + 5 * z))`` with ``z ~ N(0, 1)``, capped at ``bptt + 20`` and at
+the rows that remain; the batch's ``lr_scale = L / bptt`` (the trainer multiplies the
+learning rate by it so that longer sequences do not get a larger effective step).
+
+Every random draw comes from a private ``torch.Generator`` seeded from
+``(seed, epoch)``, never the global RNG, so an epoch's batch schedule is a pure
+function of ``(seed, epoch)`` and ``batches(epoch, start=k)`` resumes an epoch exactly.
+
+Evaluation (:func:`eval_batches`) scores every token of a split exactly once.
+"""
+from __future__ import annotations
+
+import hashlib
+import math
+from dataclasses import dataclass
+from typing import Iterator
+
+import torch
+
+from lm.errors import ConfigError, DataError
+
+VAR_BPTT_LONG_PROB = 0.95
+VAR_BPTT_STD = 5.0
+VAR_BPTT_MIN = 5
+VAR_BPTT_MAX_EXTRA = 20
+
+
+@dataclass
+class Batch:
+    """One training batch: ``input`` and ``target`` are ``(T, B)`` LongTensors.
+
+    ``lr_scale`` is ``T / bptt`` under variable BPTT and ``1.0`` otherwise.
+    """
+
+    input: torch.Tensor
+    target: torch.Tensor
+    lr_scale: float = 1.0
+
+
+@dataclass
+class EvalBatch:
+    """One evaluation chunk: ``input``, ``target`` ``(T, B)`` LongTensors and a bool ``mask``.
+
+    Only positions with ``mask`` True are real targets; padded positions hold ``bos_id``.
+    """
+
+    input: torch.Tensor
+    target: torch.Tensor
+    mask: torch.Tensor
+
+    @property
+    def num_tokens(self) -> int:
+        """How many targets this chunk scores."""
+        return int(self.mask.sum())
+
+
+def _check_stream(data: torch.Tensor) -> torch.Tensor:
+    if not isinstance(data, torch.Tensor) or data.dim() != 1:
+        raise TypeError("data must be a 1-D tensor of token ids")
+    if data.dtype != torch.long:
+        data = data.long()
+    return data
+
+
+def _check_positive(**values: int) -> None:
+    for name, v in values.items():
+        if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+            raise ConfigError(f"{name} must be a positive integer, got {v!r}; fix the recipe")
+
+
+def epoch_generator(seed: int, epoch: int) -> torch.Generator:
+    """A fresh CPU generator seeded from ``(seed, epoch)`` (SHA-256 of ``"seed:epoch"``)."""
+    digest = hashlib.sha256(f"{int(seed)}:{int(epoch)}".encode()).digest()
+    g = torch.Generator()
+    g.manual_seed(int.from_bytes(digest[:8], "little") & ((1 << 63) - 1))
+    return g
+
+
+class TrainStream:
+    """Training batches of one split; see the module docstring for the layouts.
+
+    ``num_batches(epoch)`` and ``batches(epoch, start)`` depend only on the constructor
+    arguments and ``epoch``.
+    """
+
+    def __init__(self, data: torch.Tensor, batch_size: int, bptt: int, *,
+                 variable_bptt: bool = False, shuffle: bool = False, seed: int = 0):
+        data = _check_stream(data)
+        _check_positive(batch_size=batch_size, bptt=bptt)
+        if variable_bptt and shuffle:
+            raise ConfigError("variable_bptt needs the contiguous layout (shuffle=False); disable one of them")
+        self.batch_size = batch_size
+        self.bptt = bptt
+        self.variable_bptt = bool(variable_bptt)
+        self.shuffle = bool(shuffle)
+        self.seed = int(seed)
+        n = data.numel()
+        self._schedule_cache: tuple[int, list[tuple[int, int]]] | None = None
+        if shuffle:
+            self.num_sequences = (n - 1) // bptt if n > 0 else 0
+            if self.num_sequences < batch_size:
+                raise DataError(
+                    f"a split of {n} tokens gives {self.num_sequences} sequences of {bptt}+1 tokens, fewer than "
+                    f"batch_size {batch_size}; lower batch_size or bptt, or use a larger corpus"
+                )
+            used = self.num_sequences * bptt
+            self._inputs = data[:used].view(self.num_sequences, bptt)
+            self._targets = data[1:used + 1].view(self.num_sequences, bptt)
+        else:
+            self.rows = n // batch_size
+            if self.rows < 2:
+                raise DataError(
+                    f"a split of {n} tokens is too short for batch_size {batch_size} (needs at least "
+                    f"{2 * batch_size} tokens); lower batch_size or use a larger corpus"
+                )
+            self._cols = data[: self.rows * batch_size].view(batch_size, self.rows).t().contiguous()
+
+    # --- schedule -----------------------------------------------------------
+    def _schedule(self, epoch: int) -> list[tuple[int, int]]:
+        """(first row, length) of each batch of a contiguous-layout epoch."""
+        if self._schedule_cache is not None and self._schedule_cache[0] == epoch:
+            return self._schedule_cache[1]
+        last = self.rows - 1  # rows that can serve as inputs
+        sched: list[tuple[int, int]] = []
+        i = 0
+        if self.variable_bptt:
+            g = epoch_generator(self.seed, epoch)
+            cap = self.bptt + VAR_BPTT_MAX_EXTRA
+            while i < last:
+                u = float(torch.rand((), generator=g, dtype=torch.float64))
+                z = float(torch.randn((), generator=g, dtype=torch.float64))
+                base = self.bptt if u < VAR_BPTT_LONG_PROB else self.bptt / 2
+                length = min(max(VAR_BPTT_MIN, int(base + VAR_BPTT_STD * z)), cap, last - i)
+                sched.append((i, length))
+                i += length
+        else:
+            while i < last:
+                length = min(self.bptt, last - i)
+                sched.append((i, length))
+                i += length
+        self._schedule_cache = (epoch, sched)
+        return sched
+
+    def num_batches(self, epoch: int) -> int:
+        """Number of batches in ``epoch`` (varies per epoch only under variable BPTT)."""
+        if self.shuffle:
+            return self.num_sequences // self.batch_size
+        if not self.variable_bptt:
+            return math.ceil((self.rows - 1) / self.bptt)
+        return len(self._schedule(epoch))
+
+    @property
+    def tokens_per_epoch(self) -> int:
+        """Targets predicted per epoch (the same every epoch)."""
+        if self.shuffle:
+            return (self.num_sequences // self.batch_size) * self.batch_size * self.bptt
+        return (self.rows - 1) * self.batch_size
+
+    def batches(self, epoch: int, start: int = 0) -> Iterator[Batch]:
+        """The batches of ``epoch`` in order, skipping the first ``start`` (to resume)."""
+        total = self.num_batches(epoch)
+        if isinstance(start, bool) or not isinstance(start, int) or not 0 <= start <= total:
+            raise ValueError(f"start must be an integer in [0, {total}] for epoch {epoch}, got {start!r}")
+        if self.shuffle:
+            return self._shuffled(epoch, start)
+        return self._contiguous(epoch, start)
+
+    def _contiguous(self, epoch: int, start: int) -> Iterator[Batch]:
+        for i, length in self._schedule(epoch)[start:]:
+            scale = length / self.bptt if self.variable_bptt else 1.0
+            yield Batch(self._cols[i:i + length], self._cols[i + 1:i + 1 + length], scale)
+
+    def _shuffled(self, epoch: int, start: int) -> Iterator[Batch]:
+        perm = torch.randperm(self.num_sequences, generator=epoch_generator(self.seed, epoch))
+        perm = perm.to(self._inputs.device)
+        B = self.batch_size
+        for k in range(start, self.num_sequences // B):
+            idx = perm[k * B:(k + 1) * B]
+            yield Batch(self._inputs[idx].t().contiguous(), self._targets[idx].t().contiguous(), 1.0)
+
+    def __len__(self) -> int:
+        if self.variable_bptt:
+            raise TypeError("the number of batches varies per epoch under variable BPTT; use num_batches(epoch)")
+        return self.num_batches(0)
+
+
+def eval_batches(data: torch.Tensor, batch_size: int, bptt: int, bos_id: int) -> Iterator[EvalBatch]:
+    """Chunks that score every token of ``data`` exactly once.
+
+    The scored stream is ``[bos_id] + data`` (the first token is predicted from an
+    end-of-line context). With ``N = len(data)`` and ``L = ceil(N / B)``, target column
+    ``b`` holds ``data[b*L : (b+1)*L]`` and its input column the tokens one step
+    earlier (so it starts with the token preceding its first target). Positions past
+    ``N`` (the tail of the last column(s)) are padding: ``mask`` False, ids ``bos_id``.
+    Chunks of ``bptt`` rows are yielded in time order; the caller carries the hidden
+    state from one chunk to the next. ``batch_size=1`` is the whole split as one stream.
+    """
+    data = _check_stream(data)
+    _check_positive(batch_size=batch_size, bptt=bptt)
+    n = data.numel()
+    if n == 0:
+        raise DataError("cannot evaluate an empty split; check the corpus files")
+    rows = math.ceil(n / batch_size)
+    total = rows * batch_size
+    inputs = torch.full((total,), int(bos_id), dtype=torch.long, device=data.device)
+    targets = torch.full((total,), int(bos_id), dtype=torch.long, device=data.device)
+    inputs[1:n] = data[: n - 1]
+    targets[:n] = data
+    mask = torch.zeros(total, dtype=torch.bool, device=data.device)
+    mask[:n] = True
+    inputs = inputs.view(batch_size, rows).t().contiguous()
+    targets = targets.view(batch_size, rows).t().contiguous()
+    mask = mask.view(batch_size, rows).t().contiguous()
+    for i in range(0, rows, bptt):
+        yield EvalBatch(inputs[i:i + bptt], targets[i:i + bptt], mask[i:i + bptt])
+
+
+__all__ = ["Batch", "EvalBatch", "TrainStream", "eval_batches", "epoch_generator"]

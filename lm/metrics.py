@@ -1,0 +1,59 @@
+"""Run logs: ``metrics.jsonl`` (one JSON object per logged step and per evaluation) and
+TensorBoard scalars.
+
+``metrics.jsonl`` holds only values that are a pure function of the run's seed and data (no
+wall-clock times), so a resumed run's lines equal an uninterrupted run's, value for value.
+Throughput goes to TensorBoard and the progress bar only. On resume the file is cut back to
+the number of lines the checkpoint recorded, dropping lines written after it.
+"""
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+
+class MetricsLog:
+    def __init__(self, run_dir: Path, *, tensorboard: bool, keep_lines: int | None = None,
+                 purge_step: int | None = None):
+        self.path = run_dir / "metrics.jsonl"
+        if keep_lines is None:
+            self.path.write_text("")
+            self.lines = 0
+        else:
+            kept = self.path.read_text().splitlines()[:keep_lines] if self.path.exists() else []
+            self.path.write_text("".join(line + "\n" for line in kept))
+            self.lines = len(kept)
+        self._file = open(self.path, "a", encoding="utf-8")
+        self.writer = None
+        if tensorboard:
+            from torch.utils.tensorboard import SummaryWriter
+            # purge_step drops events past the resume point from the TensorBoard view too.
+            self.writer = SummaryWriter(str(run_dir / "tb"), purge_step=purge_step)
+
+    def log(self, step: int, split: str, **values) -> None:
+        """Append one JSON line ``{"step", "split", ...values}``."""
+        record = {"step": step, "split": split, **values}
+        self._file.write(json.dumps(record) + "\n")
+        self._file.flush()
+        self.lines += 1
+        self.scalars(step, split, **values)
+
+    def scalars(self, step: int, split: str, **values) -> None:
+        """TensorBoard only (for throughput and other wall-clock figures)."""
+        if self.writer is not None:
+            for key, value in values.items():
+                if isinstance(value, (int, float)):
+                    self.writer.add_scalar(f"{split}/{key}", value, step)
+
+    def sync(self) -> None:
+        """Make the lines so far durable before a checkpoint records their count."""
+        self._file.flush()
+        os.fsync(self._file.fileno())
+        if self.writer is not None:
+            self.writer.flush()
+
+    def close(self) -> None:
+        self._file.close()
+        if self.writer is not None:
+            self.writer.close()

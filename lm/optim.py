@@ -1,0 +1,113 @@
+"""Optimizers and the validation-driven schedules: step decay, NT-ASGD, early stopping.
+
+The non-monotonic trigger of Merity et al. (2017): after an evaluation with loss ``v``, with
+``history`` the losses of all earlier evaluations,
+
+    fires  iff  len(history) > n  and  v > min(history[:-n])
+
+i.e. the new loss is worse than the best of all but the last ``n`` evaluations. On a firing,
+``decay`` divides every learning rate by ``lr_decay`` (the paper's word-level rule, factor 4);
+``ntasgd`` switches once from SGD to averaged SGD: the iterates from then on are averaged
+(``torch.optim.swa_utils.AveragedModel``, equal weights), and evaluation and checkpoints use
+the average.
+"""
+from __future__ import annotations
+
+import torch
+from torch.optim.swa_utils import AveragedModel
+
+from lm.config import OptimConfig
+
+
+def build_optimizer(cfg: OptimConfig, params) -> torch.optim.Optimizer:
+    if cfg.name == "sgd":
+        return torch.optim.SGD(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    return torch.optim.Adam(params, lr=cfg.lr, betas=tuple(cfg.betas), eps=cfg.eps,
+                            weight_decay=cfg.weight_decay, amsgrad=cfg.name == "amsgrad")
+
+
+class Schedule:
+    """Learning-rate schedule driven by validation losses (see the module docstring)."""
+
+    def __init__(self, cfg: OptimConfig, optimizer: torch.optim.Optimizer, model: torch.nn.Module):
+        self.cfg = cfg
+        self.optimizer = optimizer
+        self.model = model
+        self.history: list[float] = []
+        self.fired = 0
+        self.averaged: AveragedModel | None = None
+
+    def nonmono_fires(self, val_loss: float) -> bool:
+        n = self.cfg.nonmono
+        return len(self.history) > n and val_loss > min(self.history[:-n])
+
+    def after_eval(self, val_loss: float) -> str | None:
+        """Record a validation loss; return a message if the schedule acted."""
+        msg = None
+        if self.cfg.schedule != "constant" and self.nonmono_fires(val_loss):
+            if self.cfg.schedule == "decay":
+                self.fired += 1
+                for group in self.optimizer.param_groups:
+                    group["lr"] /= self.cfg.lr_decay
+                msg = f"non-monotonic trigger: learning rate divided by {self.cfg.lr_decay:g} " \
+                      f"to {self.lr:.4g}"
+            elif self.averaged is None:
+                self.fired += 1
+                self.averaged = AveragedModel(self.model, use_buffers=True)
+                msg = "non-monotonic trigger: switching to averaged SGD (NT-ASGD)"
+        self.history.append(val_loss)
+        return msg
+
+    def after_step(self) -> None:
+        if self.averaged is not None:
+            self.averaged.update_parameters(self.model)
+
+    def eval_model(self) -> torch.nn.Module:
+        """The weights to evaluate and to save as best: the average once NT-ASGD is on."""
+        return self.model if self.averaged is None else self.averaged.module
+
+    @property
+    def lr(self) -> float:
+        return self.optimizer.param_groups[0]["lr"]
+
+    def state_dict(self) -> dict:
+        return {
+            "history": list(self.history),
+            "fired": self.fired,
+            "averaged": None if self.averaged is None else self.averaged.state_dict(),
+        }
+
+    def load_state_dict(self, state: dict) -> None:
+        self.history = [float(v) for v in state["history"]]
+        self.fired = int(state["fired"])
+        self.averaged = None
+        if state["averaged"] is not None:
+            self.averaged = AveragedModel(self.model, use_buffers=True)
+            self.averaged.load_state_dict(state["averaged"])
+
+
+class EarlyStopping:
+    """Stop after ``patience`` evaluations without a new best validation loss (0: never)."""
+
+    def __init__(self, patience: int):
+        self.patience = patience
+        self.best = float("inf")
+        self.bad = 0
+
+    def update(self, val_loss: float) -> bool:
+        """Record a loss; True if it is a new best."""
+        if val_loss < self.best:
+            self.best, self.bad = val_loss, 0
+            return True
+        self.bad += 1
+        return False
+
+    @property
+    def should_stop(self) -> bool:
+        return self.patience > 0 and self.bad >= self.patience
+
+    def state_dict(self) -> dict:
+        return {"best": self.best, "bad": self.bad}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.best, self.bad = float(state["best"]), int(state["bad"])

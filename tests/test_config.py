@@ -1,0 +1,102 @@
+"""Recipes and overrides: every recipe loads, every mistake is a one-line error naming the key."""
+from pathlib import Path
+
+import pytest
+
+from conftest import REPO, run_cli
+from lm.config import load_config
+from lm.errors import ConfigError
+from lm.model import LanguageModel
+
+RECIPES = sorted((REPO / "recipes").glob("*.yaml"))
+TRAIN_RECIPES = [p for p in RECIPES if p.stem != "grad_variance"]
+
+
+@pytest.mark.parametrize("recipe", TRAIN_RECIPES, ids=lambda p: p.stem)
+def test_every_recipe_loads_and_builds(recipe):
+    cfg = load_config(recipe)
+    assert cfg.train.run_name == recipe.stem
+    vocab = 50 if cfg.data.level == "char" else 10_000
+    LanguageModel(cfg.model, vocab)
+
+
+def test_paper_settings_and_parameter_counts():
+    char = load_config(REPO / "recipes/char_ptb.yaml")
+    assert (char.data.batch_size, char.data.bptt, char.optim.name, char.optim.lr, char.optim.clip) == \
+        (32, 100, "amsgrad", 0.002, 1.0)
+    assert char.model.lstm.weight_noise == 1.0 and char.model.lstm.flipout
+    # The paper quotes 4.26M (char) and 19.8M (word) parameters.
+    assert LanguageModel(char.model, 50).num_parameters() == 4_258_050
+    word = load_config(REPO / "recipes/word_ptb.yaml")
+    assert (word.data.batch_size, word.data.bptt, word.optim.name, word.optim.lr, word.optim.clip) == \
+        (40, 35, "sgd", 30.0, 0.25)
+    assert word.model.lstm.weight_drop == 0.5 and word.model.lstm.flipout
+    assert LanguageModel(word.model, 10_000).num_parameters() == 19_780_400
+
+
+def test_overrides_are_typed():
+    cfg = load_config(REPO / "recipes/char_ptb.yaml",
+                      ["train.epochs=2", "model.hidden_size=256", "optim.lr=1e-3",
+                       "data.root=/x/y", "model.lstm.flipout=false", "optim.betas=[0.8, 0.9]",
+                       "train.run_name=mine"])
+    assert cfg.train.epochs == 2 and cfg.model.hidden_size == 256 and cfg.optim.lr == 0.001
+    assert cfg.data.root == "/x/y" and cfg.model.lstm.flipout is False
+    assert cfg.optim.betas == (0.8, 0.9) and cfg.train.run_name == "mine"
+
+
+@pytest.mark.parametrize("overrides, message", [
+    (["model.hiden_size=3"], r"unknown config key 'model.hiden_size' \(did you mean 'model.hidden_size'\?\)"),
+    (["trian.epochs=3"], r"unknown config key 'trian' \(did you mean 'train'\?\)"),
+    (["train.epochs=two"], r"train.epochs: expected an integer, got 'two'"),
+    (["train.epochs=0"], r"train.epochs: must be positive"),
+    (["model.hidden_size=-4"], r"model.hidden_size: must be positive"),
+    (["model.lstm.hidden_dropout=1.0"], r"model.lstm.hidden_dropout: 1.0 is not a probability"),
+    (["model.lstm.zoneout_cell=-0.1"], r"model.lstm.zoneout_cell: -0.1 is not a probability"),
+    (["model.lstm.weight_noise=0", "model.lstm.weight_drop=0.3"],
+     r"model.lstm.weight_drop: flipout DropConnect needs exactly 0.5"),
+    (["model.lstm.weight_noise=0"], r"model.lstm.flipout: flipout needs a weight perturbation"),
+    (["optim.name=adamw"], r"optim.name: 'adamw' is not one of 'amsgrad', 'adam', 'sgd'"),
+    (["optim.schedule=ntasgd"], r"ntasgd averages SGD iterates; set optim.name=sgd"),
+    (["train.epochs"], r"not of the form key.path=value"),
+    (["model.lstm=3"], r"model.lstm: expected a mapping"),
+    (["train.epochs.x=3"], r"'train.epochs' is a value, not a section"),
+    (["data.carry_state=true"], r"data.carry_state: shuffled sequences cannot carry"),
+])
+def test_bad_overrides_name_the_key(overrides, message):
+    with pytest.raises(ConfigError, match=message):
+        load_config(REPO / "recipes/char_ptb.yaml", overrides)
+
+
+def test_recipe_file_errors(tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("data:\n  level: char\n model: [\n")
+    with pytest.raises(ConfigError, match=r"line 3, column 2: YAML syntax error"):
+        load_config(bad)
+    bad.write_text("data:\n  levle: char\n")
+    with pytest.raises(ConfigError, match=r"unknown config key 'data.levle' \(did you mean 'data.level'\?\)"):
+        load_config(bad)
+    bad.write_text("- a\n- b\n")
+    with pytest.raises(ConfigError, match="must be a mapping of sections"):
+        load_config(bad)
+    with pytest.raises(ConfigError, match="not found"):
+        load_config(tmp_path / "missing.yaml")
+
+
+@pytest.mark.parametrize("args, message", [
+    (["recipes/char_ptb.yaml", "model.hiden_size=3"], "did you mean 'model.hidden_size'?"),
+    (["recipes/nope.yaml"], "recipe file 'recipes/nope.yaml' not found"),
+    (["recipes/char_ptb.yaml", "model.lstm.weight_noise=0", "model.lstm.weight_drop=0.2"],
+     "flipout DropConnect needs exactly 0.5"),
+])
+def test_cli_config_errors_exit_2_with_one_line(args, message):
+    proc = run_cli("train.py", *args)
+    assert proc.returncode == 2
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: ") and message in lines[0]
+
+
+def test_dry_run_prints_config_and_parameter_count():
+    proc = run_cli("train.py", "recipes/word_ptb.yaml", "model.hidden_size=200", "--dry-run")
+    assert proc.returncode == 0, proc.stderr
+    assert "hidden_size: 200" in proc.stdout
+    assert "# parameters: " in proc.stdout

@@ -1,0 +1,171 @@
+"""The trainer end to end on a tiny corpus: files on disk, exact resume, schedules, evaluate."""
+import json
+
+import pytest
+import torch
+
+import train as train_script
+from conftest import run_cli, tiny_overrides
+from lm import checkpoint
+from lm.model import LanguageModel
+
+
+def metrics(run_dir):
+    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+def run_train(recipe, data_root, out_dir, **extra):
+    return train_script.main([f"recipes/{recipe}.yaml", *tiny_overrides(data_root, out_dir, **extra)])
+
+
+@pytest.fixture(autouse=True)
+def _repo_cwd(monkeypatch):
+    from conftest import REPO
+    monkeypatch.chdir(REPO)
+
+
+def test_tiny_run_writes_every_file(tiny_ptb, tmp_path):
+    out = tmp_path / "runs"
+    assert run_train("word_ptb", tiny_ptb, out, **{"train.max_steps": 7, "train.checkpoint_every": 3,
+                                                   "train.eval_every": 5, "train.tensorboard": "true"}) == 0
+    run = out / "word_ptb"
+    for name in ("config.yaml", "vocab.json", "last.pt", "best.pt", "metrics.jsonl"):
+        assert (run / name).is_file(), name
+    assert sorted(p.name for p in checkpoint.numbered(run)) == \
+        ["ckpt-00000003.pt", "ckpt-00000006.pt", "ckpt-00000007.pt"]
+    assert list((run / "tb").glob("events.out.tfevents.*"))
+    lines = metrics(run)
+    assert all({"step", "split", "loss"} <= set(line) for line in lines)
+    assert [line["step"] for line in lines if line["split"] == "train"] == [2, 4, 6]
+    assert [line["step"] for line in lines if line["split"] == "valid"] == [5, 7, 7]
+    assert lines[-1]["split"] == "test" and "ppl" in lines[-1]
+    last = checkpoint.load(run / "last.pt")
+    assert last["progress"]["step"] == 7
+    assert (run / "last.pt").stat().st_ino == (run / "ckpt-00000007.pt").stat().st_ino
+
+
+def test_existing_run_is_not_overwritten(tiny_ptb, tmp_path, capsys):
+    assert run_train("word_ptb", tiny_ptb, tmp_path, **{"train.max_steps": 2}) == 0
+    assert run_train("word_ptb", tiny_ptb, tmp_path, **{"train.max_steps": 2}) == 2
+    assert "already holds checkpoints; pass --resume" in capsys.readouterr().err
+
+
+class Crash(RuntimeError):
+    pass
+
+
+def crash_at(monkeypatch, step):
+    """Make the model's training forward pass blow up at a given step, as a dying machine would."""
+    calls = {"n": 0}
+    original = LanguageModel.forward
+
+    def forward(self, *args, **kwargs):
+        if self.training:
+            calls["n"] += 1
+            if calls["n"] == step:
+                raise Crash(f"simulated crash at step {step}")
+        return original(self, *args, **kwargs)
+
+    monkeypatch.setattr(LanguageModel, "forward", forward)
+
+
+@pytest.mark.parametrize("recipe, extra", [
+    ("word_ptb", {"optim.schedule": "ntasgd", "optim.nonmono": 1, "train.eval_every": 4}),  # carried state, ASGD
+    ("char_ptb", {"model.hidden_size": 12}),  # shuffled sequences, flipout Gaussian noise, AMSGrad
+    ("word_zoneout", {"data.variable_bptt": "true"}),  # variable BPTT, custom recurrence
+])
+def test_resume_after_crash_equals_uninterrupted(tiny_ptb, tmp_path, monkeypatch, recipe, extra):
+    settings = {"train.max_steps": 23, "train.checkpoint_every": 5, "train.log_every": 1, **extra}
+    if recipe == "word_ptb":
+        settings["optim.name"] = "sgd"
+    assert run_train(recipe, tiny_ptb, tmp_path / "a", **settings) == 0
+    expected = metrics(tmp_path / "a" / recipe)
+
+    with monkeypatch.context() as m:
+        crash_at(m, 13)
+        with pytest.raises(Crash):
+            run_train(recipe, tiny_ptb, tmp_path / "b", **settings)
+    run_b = tmp_path / "b" / recipe
+    assert checkpoint.load(run_b / "last.pt")["progress"]["step"] == 10
+    assert train_script.main([f"recipes/{recipe}.yaml",
+                              *tiny_overrides(tiny_ptb, tmp_path / "b", **settings), "--resume"]) == 0
+    assert metrics(run_b) == expected
+
+
+def test_decay_schedule_divides_the_learning_rate(tiny_ptb, tmp_path):
+    # An absurd learning rate makes validation worse, so the non-monotonic trigger fires.
+    assert run_train("word_ptb", tiny_ptb, tmp_path, **{"optim.lr": 1000.0, "optim.nonmono": 1,
+                     "train.eval_every": 2, "train.max_steps": 12, "optim.clip": 0}) == 0
+    run = tmp_path / "word_ptb"
+    lrs = [line["lr"] for line in metrics(run) if line["split"] == "train"]
+    assert lrs[0] == 1000.0 and min(lrs) < 1000.0
+    assert all(b in (a, a / 4) for a, b in zip(lrs, lrs[1:]))
+    assert checkpoint.load(run / "last.pt")["schedule"]["fired"] >= 1
+
+
+def test_ntasgd_evaluates_and_saves_the_average(tiny_ptb, tmp_path):
+    assert run_train("word_ptb", tiny_ptb, tmp_path, **{"optim.schedule": "ntasgd", "optim.lr": 1000.0,
+                     "optim.nonmono": 1, "train.eval_every": 2, "train.max_steps": 12}) == 0
+    last = checkpoint.load(tmp_path / "word_ptb" / "last.pt")
+    averaged = last["schedule"]["averaged"]
+    assert averaged is not None and int(averaged["n_averaged"]) > 0
+    assert not torch.equal(averaged["module.decoder.weight"], last["model"]["decoder.weight"])
+
+
+def test_early_stopping(tiny_ptb, tmp_path):
+    assert run_train("word_ptb", tiny_ptb, tmp_path, **{"optim.lr": 1000.0, "train.patience": 2,
+                     "train.eval_every": 1, "train.max_steps": 50, "optim.clip": 0}) == 0
+    lines = metrics(tmp_path / "word_ptb")
+    valid = [line["loss"] for line in lines if line["split"] == "valid" and not line.get("best")]
+    assert len(valid) < 50
+    best_at = valid.index(min(valid))
+    assert len(valid) - 1 - best_at == 2  # stopped after exactly `patience` evaluations without a new best
+
+
+def test_evaluate_char_run_on_real_ptb(ptb_root, tmp_path):
+    out = tmp_path / "runs"
+    proc = run_cli("train.py", "recipes/char_ptb.yaml", "train.max_steps=20", "model.hidden_size=64",
+                   f"train.out_dir={out}", "train.progress=false", "data.eval_batch_size=200",
+                   env={"LM_DATA_ROOT": str(ptb_root)})
+    assert proc.returncode == 0, proc.stderr
+    run = out / "char_ptb"
+    assert list((run / "tb").glob("events.out.tfevents.*"))
+    assert "442,423 test tokens" in proc.stdout
+    proc = run_cli("evaluate.py", run / "best.pt", "--json", "--batch-size", "200",
+                   env={"LM_DATA_ROOT": str(ptb_root)})
+    assert proc.returncode == 0, proc.stderr
+    result = json.loads(proc.stdout)
+    assert result["split"] == "test" and result["tokens"] == 442_423
+    assert 0 < result["bpc"] < 8 and abs(result["bpc"] - result["loss"] / 0.6931471805599453) < 1e-9
+    test_line = metrics(run)[-1]
+    assert test_line["split"] == "test" and test_line["bpc"] == pytest.approx(result["bpc"], rel=1e-9)
+
+
+def test_evaluate_word_run_on_real_ptb(ptb_root, tmp_path):
+    out = tmp_path / "runs"
+    proc = run_cli("train.py", "recipes/word_ptb.yaml", "train.max_steps=5", "model.hidden_size=32",
+                   "model.embedding_size=32", f"train.out_dir={out}", "train.progress=false",
+                   "data.eval_batch_size=100", env={"LM_DATA_ROOT": str(ptb_root)})
+    assert proc.returncode == 0, proc.stderr
+    run = out / "word_ptb"
+    proc = run_cli("evaluate.py", run / "best.pt", "--batch-size", "100",
+                   env={"LM_DATA_ROOT": str(ptb_root)})
+    assert proc.returncode == 0, proc.stderr
+    assert "test split, 82,430 tokens" in proc.stdout and "ppl" in proc.stdout
+    proc = run_cli("evaluate.py", run / "best.pt", "--split", "valid", "--json", "--batch-size", "100",
+                   env={"LM_DATA_ROOT": str(ptb_root)})
+    result = json.loads(proc.stdout)
+    assert result["tokens"] == 73_760 and result["ppl"] > 1
+
+
+def test_evaluate_batch_size_one_is_the_exact_stream(tiny_ptb, tmp_path):
+    assert run_train("word_ptb", tiny_ptb, tmp_path, **{"train.max_steps": 3}) == 0
+    import evaluate as evaluate_script
+    results = {}
+    for bs in ("1", "3"):
+        args = evaluate_script.parse_args([str(tmp_path / "word_ptb" / "best.pt"), "--batch-size", bs,
+                                           "--data-root", str(tiny_ptb)])
+        results[bs] = evaluate_script.run(args)
+    assert results["1"]["tokens"] == results["3"]["tokens"]
+    assert results["1"]["loss"] != results["3"]["loss"]  # columns start from zero state
+    assert results["1"]["loss"] == pytest.approx(results["3"]["loss"], rel=0.1)

@@ -1,0 +1,11 @@
+"""Recurrent layers: ``LSTM`` with flipout, weight noise and recurrent-dropout baselines.
+
+``LSTM`` (lstm.py) is ``torch.nn.LSTM`` plus noise; ``LSTMNoise`` / ``LayerNoise``
+(noise.py) hold the random draws of one call; ``LSTMRecurrence`` (recurrence.py) is the
+custom recurrence with its hand-written backward.
+"""
+from .lstm import LSTM, LSTMArgumentError
+from .noise import LayerNoise, LSTMNoise
+from .recurrence import LSTMRecurrence
+
+__all__ = ["LSTM", "LSTMArgumentError", "LSTMNoise", "LayerNoise", "LSTMRecurrence"]

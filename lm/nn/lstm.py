@@ -1,0 +1,388 @@
+"""``LSTM``: ``torch.nn.LSTM`` with weight noise, flipout and the recurrent-dropout baselines.
+
+Two execution paths, chosen per call:
+
+* **Fused** (``torch._VF.lstm``: cuDNN on GPU, the native/oneDNN kernel on CPU): no noise,
+  shared-mask DropConnect (WD) and shared multiplicative Gaussian noise, and eval. The
+  perturbed weight ``W̄ ∘ (1 + e)`` is computed as a differentiable function of the
+  parameter and handed to the kernel functionally, so autograd gives
+  ``dL/dW̄ = (1 + e) ∘ dL/dW``; the module's parameters are never replaced or patched.
+* **Custom** (:class:`lm.nn.recurrence.LSTMRecurrence`): flipout and the noise that acts
+  inside the recurrence per sequence or per step (Gal, zoneout, Semeniuta), and zoneout's
+  expectation in eval. Set ``lstm.force_custom = True`` to use it for every call (tests).
+
+Parameters, their names, shapes and initialization are ``torch.nn.LSTM``'s (this class is
+a subclass), so state dicts move both ways.
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+import warnings
+from typing import Optional, Tuple
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from lm.errors import ConfigError
+
+from .noise import LayerNoise, LSTMNoise, bernoulli, relative_delta, signs
+from .recurrence import LSTMRecurrence
+
+
+class LSTMArgumentError(ConfigError, ValueError):
+    """A bad ``LSTM`` argument: a ``ValueError`` that the command line reports as one line."""
+
+
+def _check_probability(name: str, value: float) -> float:
+    value = float(value)
+    if not (0.0 <= value < 1.0) or math.isnan(value):
+        raise LSTMArgumentError(
+            f"{name}={value!r} is not a probability in [0, 1); pass 0 <= {name} < 1 (0 disables it)")
+    return value
+
+
+def _check_sigma(name: str, value: float) -> float:
+    value = float(value)
+    if not value >= 0.0 or math.isinf(value):
+        raise LSTMArgumentError(
+            f"{name}={value!r} must be a finite standard deviation >= 0 (0 disables the noise)")
+    return value
+
+
+class LSTM(nn.LSTM):
+    """Multi-layer LSTM, a drop-in for ``torch.nn.LSTM`` with regularizing noise.
+
+    ``LSTM(input_size, hidden_size, num_layers=1, bias=True, batch_first=False, dropout=0.0,
+    *, weight_drop=0.0, weight_noise=0.0, input_weight_drop=0.0, input_weight_noise=0.0,
+    flipout=False, hidden_dropout=0.0, zoneout_cell=0.0, zoneout_hidden=0.0,
+    cell_dropout=0.0, cell_dropout_per_step=True, device=None, dtype=None)``
+
+    * ``weight_drop`` / ``input_weight_drop``: DropConnect rate on every layer's
+      hidden-to-hidden / input-to-hidden matrix, inverted scaling ``W ∘ m/(1-p)``. One mask
+      per call shared by the batch (WD, Merity et al.), or with ``flipout=True``
+      ``W̄ + ΔŴ ∘ (r_n s_nᵀ)`` with ``ΔŴ = W̄ ∘ ξ``, which needs ``p = 0.5`` exactly.
+    * ``weight_noise`` / ``input_weight_noise``: σ of multiplicative Gaussian noise
+      ``W̄ ∘ (1 + σ ε)``, shared or (``flipout=True``) ``ΔŴ = σ W̄ ∘ ε`` with per-example signs.
+    * ``hidden_dropout``: Gal's variational mask on ``h(t-1)`` inside the recurrence, one per
+      sequence (the returned ``h_t`` is not masked).
+    * ``zoneout_cell`` / ``zoneout_hidden``: Krueger's zoneout, per-step masks; eval uses
+      the expectation ``p·old + (1-p)·new``.
+    * ``cell_dropout``: Semeniuta's dropout on ``g(t)``, a new mask per step if
+      ``cell_dropout_per_step`` else one per sequence.
+    * ``dropout``: between layers, as in ``torch.nn.LSTM``.
+
+    ``forward(input, hx=None, *, noise=None)`` returns ``output, (h_n, c_n)`` shaped as
+    ``torch.nn.LSTM``'s. An integer ``input`` of shape (T, B) (or (B, T), or (T,) unbatched)
+    holds one-hot indices into ``input_size`` classes. ``noise`` (from :meth:`sample_noise`)
+    replaces the call's own draw; noise only acts in training mode.
+
+    ``force_custom`` (attribute, default ``False``): run the custom recurrence even where
+    the fused kernel would do.
+    """
+
+    force_custom: bool = False
+
+    def __init__(self, input_size: int, hidden_size: int, num_layers: int = 1, bias: bool = True,
+                 batch_first: bool = False, dropout: float = 0.0, *, weight_drop: float = 0.0,
+                 weight_noise: float = 0.0, input_weight_drop: float = 0.0,
+                 input_weight_noise: float = 0.0, flipout: bool = False,
+                 hidden_dropout: float = 0.0, zoneout_cell: float = 0.0,
+                 zoneout_hidden: float = 0.0, cell_dropout: float = 0.0,
+                 cell_dropout_per_step: bool = True, bidirectional: bool = False,
+                 proj_size: int = 0, device=None, dtype=None):
+        if bidirectional:
+            raise LSTMArgumentError("bidirectional=True is not supported by lm.nn.LSTM; "
+                                    "use torch.nn.LSTM or two LSTMs")
+        if proj_size:
+            raise LSTMArgumentError("proj_size is not supported by lm.nn.LSTM; pass proj_size=0")
+        if int(num_layers) < 1:
+            raise LSTMArgumentError(f"num_layers={num_layers!r} must be >= 1")
+        dropout = _check_probability("dropout", dropout)
+        self.weight_drop = _check_probability("weight_drop", weight_drop)
+        self.weight_noise = _check_sigma("weight_noise", weight_noise)
+        self.input_weight_drop = _check_probability("input_weight_drop", input_weight_drop)
+        self.input_weight_noise = _check_sigma("input_weight_noise", input_weight_noise)
+        self.hidden_dropout = _check_probability("hidden_dropout", hidden_dropout)
+        self.zoneout_cell = _check_probability("zoneout_cell", zoneout_cell)
+        self.zoneout_hidden = _check_probability("zoneout_hidden", zoneout_hidden)
+        self.cell_dropout = _check_probability("cell_dropout", cell_dropout)
+        self.cell_dropout_per_step = bool(cell_dropout_per_step)
+        self.flipout = bool(flipout)
+        for drop, sigma, matrix in (("weight_drop", "weight_noise", "hidden-to-hidden"),
+                                    ("input_weight_drop", "input_weight_noise", "input-to-hidden")):
+            if getattr(self, drop) > 0 and getattr(self, sigma) > 0:
+                raise LSTMArgumentError(f"{drop} and {sigma} are both set; choose one perturbation "
+                                        f"of the {matrix} matrix")
+        if self.flipout:
+            if not (self.weight_drop or self.weight_noise or self.input_weight_drop
+                    or self.input_weight_noise):
+                raise LSTMArgumentError(
+                    "flipout=True needs a weight perturbation to decorrelate; set weight_drop=0.5, "
+                    "weight_noise>0, input_weight_drop=0.5 or input_weight_noise>0")
+            for name in ("weight_drop", "input_weight_drop"):
+                p = getattr(self, name)
+                if p and p != 0.5:
+                    raise LSTMArgumentError(
+                        f"{name}={p} with flipout=True: only p=0.5 DropConnect is symmetric about "
+                        f"zero as flipout requires; use {name}=0.5, or "
+                        f"{name.replace('drop', 'noise')}=sigma for multiplicative Gaussian noise")
+        super().__init__(input_size, hidden_size, num_layers, bias=bias, batch_first=batch_first,
+                         dropout=dropout, device=device, dtype=dtype)
+
+    # ------------------------------------------------------------------ configuration
+    @property
+    def _hh_perturbed(self) -> bool:
+        return bool(self.weight_drop or self.weight_noise)
+
+    @property
+    def _ih_perturbed(self) -> bool:
+        return bool(self.input_weight_drop or self.input_weight_noise)
+
+    @property
+    def _recurrent_noise(self) -> bool:
+        """Noise the fused kernel cannot express: it must run the custom recurrence."""
+        return bool(self.flipout or self.hidden_dropout or self.zoneout_cell
+                    or self.zoneout_hidden or self.cell_dropout)
+
+    @property
+    def _has_noise(self) -> bool:
+        return self._recurrent_noise or self._hh_perturbed or self._ih_perturbed
+
+    def extra_repr(self) -> str:
+        s = super().extra_repr()
+        for name in ("weight_drop", "weight_noise", "input_weight_drop", "input_weight_noise",
+                     "hidden_dropout", "zoneout_cell", "zoneout_hidden", "cell_dropout"):
+            if getattr(self, name):
+                s += f", {name}={getattr(self, name)}"
+        if self.cell_dropout and not self.cell_dropout_per_step:
+            s += ", cell_dropout_per_step=False"
+        if self.flipout:
+            s += ", flipout=True"
+        return s
+
+    # ------------------------------------------------------------------ noise
+    def _layer_weights(self, layer: int):
+        w_ih = getattr(self, f"weight_ih_l{layer}")
+        w_hh = getattr(self, f"weight_hh_l{layer}")
+        if self.bias:
+            return w_ih, w_hh, getattr(self, f"bias_ih_l{layer}"), getattr(self, f"bias_hh_l{layer}")
+        return w_ih, w_hh, None, None
+
+    def sample_noise(self, batch_size: int, *, base: Optional[LSTMNoise] = None, device=None,
+                     dtype=None, seq_len: Optional[int] = None) -> LSTMNoise:
+        """Draw the noise of one forward call for ``batch_size`` sequences.
+
+        ``base``: reuse its base perturbations ``ΔŴ`` (``hh_delta``, ``ih_delta``) and draw
+        fresh sign vectors and masks (sub-batches sharing one perturbation). ``seq_len``:
+        also draw the per-step masks (zoneout, per-step Semeniuta) for that many steps;
+        without it the forward call draws them.
+        """
+        ref = self.weight_hh_l0
+        device = ref.device if device is None else torch.device(device)
+        dtype = ref.dtype if dtype is None else dtype
+        if base is not None and len(base.layers) != self.num_layers:
+            raise LSTMArgumentError(f"base noise has {len(base.layers)} layers but the LSTM has "
+                                    f"{self.num_layers}; pass noise sampled from this LSTM")
+        B, H = int(batch_size), self.hidden_size
+        kw = dict(device=device, dtype=dtype)
+        layers = []
+        for layer in range(self.num_layers):
+            in_size = self.input_size if layer == 0 else H
+            if base is not None:
+                hh = base.layers[layer].hh_delta
+                ih = base.layers[layer].ih_delta
+                hh = None if hh is None else hh.to(**kw)
+                ih = None if ih is None else ih.to(**kw)
+            else:
+                hh = relative_delta((4 * H, H), drop=self.weight_drop, sigma=self.weight_noise, **kw)
+                ih = relative_delta((4 * H, in_size), drop=self.input_weight_drop,
+                                    sigma=self.input_weight_noise, **kw)
+            ln = LayerNoise(hh_delta=hh, ih_delta=ih)
+            upd = {}
+            if self.flipout and hh is not None:
+                upd.update(hh_r=signs((B, 4 * H), **kw), hh_s=signs((B, H), **kw))
+            if self.flipout and ih is not None:
+                upd.update(ih_r=signs((B, 4 * H), **kw), ih_s=signs((B, in_size), **kw))
+            if self.hidden_dropout:
+                upd["hidden_mask"] = bernoulli((B, H), 1 - self.hidden_dropout, scale=True, **kw)
+            if self.cell_dropout and not self.cell_dropout_per_step:
+                upd["cell_mask"] = bernoulli((B, H), 1 - self.cell_dropout, scale=True, **kw)
+            layers.append(dataclasses.replace(ln, **upd))
+        noise = LSTMNoise(layers=tuple(layers), batch_size=B, seq_len=None)
+        if seq_len is not None:
+            noise = self._with_step_masks(noise, int(seq_len), device=device, dtype=dtype)
+        return noise
+
+    def _with_step_masks(self, noise: LSTMNoise, steps: int, *, device, dtype) -> LSTMNoise:
+        """``noise`` with per-step masks covering ``steps`` (drawn where missing, else cut)."""
+        B, H = noise.batch_size, self.hidden_size
+        kw = dict(device=device, dtype=dtype)
+        if noise.seq_len is not None and noise.seq_len < steps:
+            raise LSTMArgumentError(f"noise was sampled for seq_len={noise.seq_len} but the input "
+                                    f"has {steps} steps; sample it with seq_len>={steps}")
+        layers = []
+        for ln in noise.layers:
+            upd = {}
+            for name, p in (("zoneout_cell", self.zoneout_cell),
+                            ("zoneout_hidden", self.zoneout_hidden)):
+                if p:
+                    cur = getattr(ln, name)
+                    upd[name] = (bernoulli((steps, B, H), p, scale=False, **kw) if cur is None
+                                 else cur[:steps])
+            if self.cell_dropout and self.cell_dropout_per_step:
+                cur = ln.cell_mask
+                upd["cell_mask"] = (bernoulli((steps, B, H), 1 - self.cell_dropout, scale=True, **kw)
+                                    if cur is None else cur[:steps])
+            layers.append(dataclasses.replace(ln, **upd))
+        return LSTMNoise(layers=tuple(layers), batch_size=B, seq_len=steps)
+
+    # ------------------------------------------------------------------ forward
+    def forward(self, input: Tensor, hx: Optional[Tuple[Tensor, Tensor]] = None, *,
+                noise: Optional[LSTMNoise] = None):
+        index = not (input.is_floating_point() or input.is_complex())
+        batched = input.dim() == (2 if index else 3)
+        if input.dim() != (2 if index else 3) - (0 if batched else 1):
+            raise ValueError(f"LSTM: expected {'1-D or 2-D index' if index else '2-D or 3-D'} "
+                             f"input, got shape {tuple(input.shape)}")
+        if not index and input.size(-1) != self.input_size:
+            raise ValueError(f"LSTM: input.size(-1) must be {self.input_size}, got {input.size(-1)}")
+        bdim = 0 if self.batch_first else 1
+        if not batched:
+            input = input.unsqueeze(bdim)
+            if hx is not None:
+                hx = (hx[0].unsqueeze(1), hx[1].unsqueeze(1))
+        B, T = input.size(bdim), input.size(1 - bdim)
+        ref = self.weight_hh_l0
+        L, H = self.num_layers, self.hidden_size
+        if hx is None:
+            z = torch.zeros(L, B, H, device=ref.device, dtype=ref.dtype)
+            hx = (z, z)
+        elif hx[0].shape != (L, B, H) or hx[1].shape != (L, B, H):
+            raise ValueError(f"LSTM: expected h0 and c0 of shape {(L, B, H)}, got "
+                             f"{tuple(hx[0].shape)} and {tuple(hx[1].shape)}")
+
+        training_noise = self.training and self._has_noise
+        if training_noise:
+            if noise is None:
+                noise = self.sample_noise(B, seq_len=T)
+            else:
+                if noise.batch_size != B:
+                    raise ValueError(f"LSTM: noise was sampled for batch_size={noise.batch_size} "
+                                     f"but the input has batch size {B}")
+                noise = self._with_step_masks(noise, T, device=ref.device, dtype=ref.dtype)
+        else:
+            noise = None
+
+        custom = self.force_custom or (self._recurrent_noise if self.training
+                                       else bool(self.zoneout_cell or self.zoneout_hidden))
+        if custom:
+            out, h_n, c_n = self._forward_custom(input, hx, noise, index)
+        else:
+            out, h_n, c_n = self._forward_fused(input, hx, noise, index)
+        if not batched:
+            out, h_n, c_n = out.squeeze(bdim), h_n.squeeze(1), c_n.squeeze(1)
+        return out, (h_n, c_n)
+
+    def _forward_fused(self, input, hx, noise, index):
+        """One ``torch._VF.lstm`` call over all layers with (possibly perturbed) weights."""
+        if index:
+            # The fused kernel wants dense input; input_size is small wherever indices are used.
+            input = F.one_hot(input, self.input_size).to(self.weight_ih_l0.dtype)
+        if noise is None:
+            weights = self._flat_weights
+        else:
+            weights = []
+            for layer, ln in enumerate(noise.layers):
+                w_ih, w_hh, b_ih, b_hh = self._layer_weights(layer)
+                if ln.ih_delta is not None:
+                    w_ih = torch.addcmul(w_ih, w_ih, ln.ih_delta)    # W̄ ∘ (1 + e)
+                if ln.hh_delta is not None:
+                    w_hh = torch.addcmul(w_hh, w_hh, ln.hh_delta)
+                weights += [w_ih, w_hh] + ([b_ih, b_hh] if self.bias else [])
+        h0, c0 = hx
+        if input.is_cuda and noise is not None:
+            # Perturbed weights are fresh tensors, so cuDNN must pack them each call: expected.
+            with warnings.catch_warnings():
+                warnings.filterwarnings("ignore", message=".*contiguous chunk of memory.*")
+                res = torch._VF.lstm(input, (h0, c0), weights, self.bias, self.num_layers,
+                                     self.dropout, self.training, False, self.batch_first)
+        else:
+            res = torch._VF.lstm(input, (h0, c0), weights, self.bias, self.num_layers,
+                                 self.dropout, self.training, False, self.batch_first)
+        return res[0], res[1], res[2]
+
+    def _input_projection(self, layer: int, x: Tensor, ln: Optional[LayerNoise], index: bool):
+        """``x W_ihᵀ + b_ih + b_hh`` for all steps at once, (T, B, 4H), under autograd.
+
+        Input-weight noise: shared ``W̄ ∘ (1 + e)``, or flipout
+        ``x W̄ᵀ + ((x ∘ s) ΔŴᵀ) ∘ r``. Index input (one-hot ``x``) turns each product into a
+        column lookup: ``x W̄ᵀ = W̄[:, idx]ᵀ`` and ``(x ∘ s) ΔŴᵀ = s[idx] ΔŴ[:, idx]ᵀ``.
+        """
+        w_ih, _, b_ih, b_hh = self._layer_weights(layer)
+        T, B = x.shape[:2]
+        G = 4 * self.hidden_size
+        flip = ln is not None and ln.ih_delta is not None and ln.ih_r is not None
+        w = w_ih
+        if ln is not None and ln.ih_delta is not None and not flip:
+            w = torch.addcmul(w_ih, w_ih, ln.ih_delta)
+        bias = b_ih + b_hh if self.bias else None
+        if index:
+            xp = F.embedding(x, w.t())
+            if flip:
+                s = ln.ih_s.gather(1, x.t()).t().unsqueeze(-1)           # s_n[idx_tn], (T, B, 1)
+                xp = xp + F.embedding(x, (w_ih * ln.ih_delta).t()) * s * ln.ih_r
+            if bias is not None:
+                xp = xp + bias
+            return xp
+        x2 = x.reshape(T * B, x.size(-1))
+        xp = (torch.addmm(bias, x2, w.t()) if bias is not None else x2.mm(w.t())).view(T, B, G)
+        if flip:
+            xs = (x * ln.ih_s).reshape(T * B, x.size(-1))
+            xp = xp + xs.mm((w_ih * ln.ih_delta).t()).view(T, B, G) * ln.ih_r
+        return xp
+
+    def _forward_custom(self, input, hx, noise, index):
+        """Layer by layer through :class:`LSTMRecurrence`, time-major inside."""
+        x = input.transpose(0, 1) if self.batch_first else input
+        if not index:
+            x = x.contiguous()
+        h0, c0 = hx
+        T, B = x.shape[:2]
+        H = self.hidden_size
+        eval_zc = eval_zh = None
+        if not self.training:
+            ref = self.weight_hh_l0
+            # Zoneout in eval: the expectation p·old + (1-p)·new, a constant "mask" p.
+            if self.zoneout_cell:
+                eval_zc = torch.full((1, 1, 1), self.zoneout_cell, dtype=ref.dtype,
+                                     device=ref.device).expand(T, B, H)
+            if self.zoneout_hidden:
+                eval_zh = torch.full((1, 1, 1), self.zoneout_hidden, dtype=ref.dtype,
+                                     device=ref.device).expand(T, B, H)
+        hs, cs = [], []
+        for layer in range(self.num_layers):
+            ln = noise.layers[layer] if noise is not None else None
+            xp = self._input_projection(layer, x, ln, index and layer == 0)
+            _, w_hh, _, _ = self._layer_weights(layer)
+            w, dw, r, s = w_hh, None, None, None
+            m = zc = zh = cm = None
+            if ln is not None:
+                if ln.hh_delta is not None:
+                    if ln.hh_r is not None:
+                        dw, r, s = w_hh * ln.hh_delta, ln.hh_r, ln.hh_s
+                    else:
+                        w = torch.addcmul(w_hh, w_hh, ln.hh_delta)
+                m, zc, zh, cm = ln.hidden_mask, ln.zoneout_cell, ln.zoneout_hidden, ln.cell_mask
+            else:
+                zc, zh = eval_zc, eval_zh
+            out, h_n, c_n = LSTMRecurrence.apply(xp, h0[layer], c0[layer], w, dw, r, s, m,
+                                                 zc, zh, cm)
+            hs.append(h_n)
+            cs.append(c_n)
+            if layer < self.num_layers - 1 and self.dropout and self.training:
+                out = F.dropout(out, self.dropout, True)
+            x = out
+        out = x.transpose(0, 1) if self.batch_first else x
+        return out, torch.stack(hs), torch.stack(cs)

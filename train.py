@@ -73,7 +73,7 @@ def parse_args(argv):
                    help="continue the run in <out_dir>/<run_name> from its newest checkpoint")
     p.add_argument("--dry-run", action="store_true",
                    help="print the resolved config and the parameter count, then exit")
-    return p.parse_args(argv)
+    return p.parse_intermixed_args(argv)
 
 
 def pick_device(name: str) -> torch.device:
@@ -251,7 +251,7 @@ def train(args, stop: StopSignal) -> int:
                 optimizer.zero_grad(set_to_none=True)
                 state = None  # the carried state may hold the same non-finite values
                 tqdm.write(f"warning: step {step} skipped: non-finite loss or gradient "
-                           f"({progress['skipped']} skipped so far)")
+                           f"({progress['skipped']} skipped so far)", file=sys.stderr)
             else:
                 for group in optimizer.param_groups:  # variable BPTT: lr scaled by length
                     group["lr"] = base_lr * batch.lr_scale

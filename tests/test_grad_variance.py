@@ -1,0 +1,278 @@
+"""The gradient-variance experiment (Figure 1c): config, sub-batching, statistics, CLI.
+
+The statistical tests run one small experiment (tiny synthetic corpus, a freshly
+initialized 1-layer LSTM with 16 units, fixed seeds) and check Theorem 2's predictions:
+equal variance at N = 1, slope -1 for flipout, shared levelling off above flipout.
+"""
+import json
+import math
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from lm import checkpoint
+from lm import grad_variance as gv
+from lm.errors import ConfigError
+
+REPO = Path(__file__).resolve().parent.parent
+TINY_MODEL = {"embedding_size": 16, "hidden_size": 16, "num_layers": 1}
+
+
+def tiny_cfg(root, **kw):
+    raw = dict(checkpoint=None, data_root=str(root), batch_sizes=[1, 2, 4], repeats=5,
+               estimates=2, sub_batch=8, bptt=20, seed=0, device="cpu", model=dict(TINY_MODEL))
+    raw.update(kw)
+    return gv.build_config(raw)
+
+
+# ----------------------------------------------------------------------------- config
+
+
+def test_defaults_and_recipe_validate():
+    cfg = gv.load_config(str(REPO / "recipes" / "grad_variance.yaml"))
+    assert cfg.batch_sizes == [2 ** k for k in range(14)]
+    assert (cfg.repeats, cfg.estimates, cfg.sigma, cfg.sub_batch, cfg.bptt) == (200, 50, 1.0, 64, 35)
+    assert cfg.checkpoint is not None
+    cfg = gv.load_config(str(REPO / "recipes" / "grad_variance.yaml"),
+                         ["checkpoint=null", "batch_sizes=[8,1,2]", "repeats=20",
+                          "model.hidden_size=32"])
+    assert cfg.checkpoint is None and cfg.batch_sizes == [1, 2, 8] and cfg.repeats == 20
+    assert cfg.model.hidden_size == 32
+
+
+@pytest.mark.parametrize("raw, words", [
+    ({"repeat": 3}, ["repeat", "repeats"]),
+    ({"repeats": "many"}, ["repeats", "integer"]),
+    ({"repeats": 1}, ["repeats"]),
+    ({"sigma": 0}, ["sigma"]),
+    ({"batch_sizes": [1, "2"]}, ["batch_sizes[1]"]),
+    ({"batch_sizes": [0, 2]}, ["batch_sizes"]),
+    ({"model": {"hiden_size": 3}}, ["model.hiden_size", "hidden_size"]),
+    ({"model": {"hidden_size": -3}}, ["model.hidden_size"]),
+    ({"device": "tpu"}, ["device"]),
+])
+def test_bad_config_is_one_line_naming_the_key(raw, words):
+    with pytest.raises(ConfigError) as info:
+        gv.build_config(raw)
+    msg = str(info.value)
+    assert "\n" not in msg
+    for w in words:
+        assert w in msg
+
+
+def test_bad_override_names_the_key():
+    with pytest.raises(ConfigError, match="estimatez"):
+        gv.load_config(None, ["estimatez=3"])
+    with pytest.raises(ConfigError, match="model.lstm.flipot"):
+        gv.load_config(None, ["model.lstm.flipot=true"])
+
+
+def test_experiment_model_has_only_the_weight_noise():
+    cfg = gv.experiment_model_config(gv._cpu_model(), "flipout", 1.0)
+    assert cfg.lstm.weight_noise == 1.0 and cfg.lstm.flipout
+    assert cfg.lstm.weight_drop == 0 and cfg.output_dropout == 0 and cfg.embedding_dropout == 0
+    assert not gv.experiment_model_config(gv._cpu_model(), "shared", 1.0).lstm.flipout
+
+
+# ----------------------------------------------------------------------------- mechanics
+
+
+def _tiny_models(tiny_ptb, layers=2):
+    model_cfg = gv.ModelConfig(**{**TINY_MODEL, "num_layers": layers})
+    from lm.data import load_corpus
+    from lm.model import LanguageModel
+    corpus = load_corpus("word", tiny_ptb)
+    state = LanguageModel(model_cfg, len(corpus.vocab)).state_dict()
+    models = gv.build_models(model_cfg, state, len(corpus.vocab), 1.0, torch.device("cpu"))
+    return models, corpus.train
+
+
+def test_only_the_recorded_weight_gets_a_gradient(tiny_ptb):
+    models, stream = _tiny_models(tiny_ptb)
+    model = models["flipout"]
+    windows = gv.sample_windows(stream, 5, 10, torch.Generator().manual_seed(0))
+    assert windows.shape == (11, 5)
+    g = gv.batch_gradient(model, windows, 64)
+    assert g.shape == (64, 16) and torch.isfinite(g).all() and g.abs().sum() > 0
+    assert [n for n, p in model.named_parameters() if p.requires_grad] == ["layers.0.weight_hh_l0"]
+
+
+def test_shared_sub_batches_equal_one_batch(tiny_ptb):
+    # Shared noise: the sub-batches reuse the first one's perturbation and draw nothing
+    # else, so with the same seed the split batch gives the one-forward gradient.
+    models, stream = _tiny_models(tiny_ptb)
+    windows = gv.sample_windows(stream, 12, 10, torch.Generator().manual_seed(1))
+    torch.manual_seed(5)
+    whole = gv.batch_gradient(models["shared"], windows, 64)
+    torch.manual_seed(5)
+    split = gv.batch_gradient(models["shared"], windows, 5)  # 5 + 5 + 2
+    torch.testing.assert_close(split, whole, rtol=1e-5, atol=1e-9)
+
+
+def test_flipout_sub_batches_share_the_base_with_fresh_signs(tiny_ptb, monkeypatch):
+    models, stream = _tiny_models(tiny_ptb)
+    model = models["flipout"]
+    drawn = []
+    for layer in model.layers:
+        original = layer.sample_noise
+
+        def record(n, *, base=None, _orig=original, **kw):
+            noise = _orig(n, base=base, **kw)
+            drawn.append((noise, base))
+            return noise
+        monkeypatch.setattr(layer, "sample_noise", record)
+    windows = gv.sample_windows(stream, 12, 10, torch.Generator().manual_seed(2))
+    gv.batch_gradient(model, windows, 4)
+    assert len(drawn) == 3 * 2  # 3 sub-batches x 2 layers
+    firsts = [noise for noise, base in drawn[:2]]
+    assert all(base is None for _, base in drawn[:2])
+    for k, (noise, base) in enumerate(drawn[2:]):
+        assert base is firsts[k % 2]
+        ln, ln0 = noise.layers[0], base.layers[0]
+        assert torch.equal(ln.hh_delta, ln0.hh_delta)          # one base perturbation
+        assert not torch.equal(ln.hh_r, ln0.hh_r)              # fresh signs per sub-batch
+
+
+def test_variance_estimate_matches_a_direct_computation(tiny_ptb, monkeypatch):
+    # gate_variances' shifted float64 sums == torch.var over the stored gradients.
+    models, stream = _tiny_models(tiny_ptb, layers=1)
+    cfg = gv.build_config(dict(repeats=6, bptt=8, sub_batch=64))
+    grads = []
+    real = gv.batch_gradient
+    monkeypatch.setattr(gv, "batch_gradient",
+                        lambda *a: grads.append(real(*a).double()) or grads[-1].clone())
+    v = gv.gate_variances(models["flipout"], stream, 3, cfg, 1, 2, torch.device("cpu"))
+    direct = torch.stack(grads).var(0, unbiased=True).view(4, -1).mean(1)
+    torch.testing.assert_close(v, direct, rtol=1e-9, atol=0)
+
+
+def test_loglog_slope():
+    assert gv.loglog_slope([1, 2, 4, 8], [8, 4, 2, 1]) == pytest.approx(-1)
+    assert math.isnan(gv.loglog_slope([1], [1.0]))
+
+
+# ----------------------------------------------------------------------------- statistics
+
+
+@pytest.fixture(scope="module")
+def experiment(tmp_path_factory):
+    """N = 1..32, R = 40 repeats, E = 6 estimates, sub-batches of 8 (so N = 16, 32 are split)."""
+    from conftest import write_tiny_ptb
+    root = write_tiny_ptb(tmp_path_factory.mktemp("gv") / "ptb")
+    cfg = tiny_cfg(root, batch_sizes=[1, 2, 4, 8, 16, 32], repeats=40, estimates=6)
+    return gv.run(cfg, quiet=True)
+
+
+def _row(result, n, gate):
+    return next(r for r in result["rows"] if r["batch_size"] == n and r["gate"] == gate)
+
+
+@pytest.mark.parametrize("gate", gv.SUMMARY_GATES)
+def test_equal_variance_at_batch_size_one(experiment, gate):
+    # At N = 1 flipout's ΔŴ∘(r sᵀ) has exactly ΔŴ's distribution, so both methods estimate
+    # the same variance. Each mean is over E = 6 independent estimates; its standard error is
+    # sd/√E. The methods see the same mini-batches (common random numbers), which correlates
+    # them positively, so sqrt(se_s² + se_f²) over-states the sd of the difference: a
+    # 4-standard-error bound has a false-alarm rate well under 1% (t with ~10 dof: ~0.3%).
+    r = _row(experiment, 1, gate)
+    E = experiment["estimates"]
+    se = math.sqrt((r["shared_sd"] ** 2 + r["flipout_sd"] ** 2) / E)
+    assert abs(r["shared_mean"] - r["flipout_mean"]) <= 4 * se
+    assert 0.75 < r["ratio"] < 1.33  # and the bound is not vacuous
+
+
+def test_flipout_slope_is_minus_one(experiment):
+    # Theorem 2: Var_flipout = α/N + (N-1)/N γ, with γ ≪ α/32 here, so the log-log slope
+    # over N = 1..32 is -1 up to estimation noise. Noise: one estimate from R = 40 repeats
+    # has a relative sd of about sqrt(2/(R-1)) ≈ 0.23 (more with heavy tails), the mean of
+    # E = 6 about 0.1, i.e. 0.1 in log; with log N spread over 0..ln 32 (Sxx ≈ 8.4) the
+    # slope's sd is about 0.1/√8.4 ≈ 0.035, and the estimates of the 4 gates' average are
+    # less noisy still. ±0.12 is over 3 sd and still excludes shared's slope (about -0.8).
+    s = experiment["slopes"]["flipout"]
+    assert abs(s["avg"]["slope"] + 1) < 0.12
+    for gate in gv.GATES:
+        assert abs(s[gate]["slope"] + 1) < 0.15
+    assert experiment["slopes"]["shared"]["avg"]["slope"] > -0.9
+
+
+def test_shared_levels_off_above_flipout(experiment):
+    # Shared keeps a (N-1)/N β term that flipout removes: at the largest N its variance is
+    # clearly (CIs disjoint, factor > 1.5) above flipout's.
+    r = _row(experiment, 32, "avg")
+    assert r["shared_ci_lo"] > r["flipout_ci_hi"]
+    assert r["ratio"] > 1.5
+    for gate in gv.GATES:
+        assert _row(experiment, 32, gate)["ratio"] > 1.3
+
+
+# ----------------------------------------------------------------------------- CLI
+
+
+def _cli(*args, cwd=REPO):
+    return subprocess.run([sys.executable, str(REPO / "grad_variance.py"), *args],
+                          capture_output=True, text=True, cwd=cwd, timeout=300)
+
+
+def test_cli_writes_results_and_prints_table(tiny_ptb, tmp_path):
+    out = tmp_path / "out"
+    p = _cli(str(REPO / "recipes" / "grad_variance.yaml"), "checkpoint=null",
+             f"data_root={tiny_ptb}", f"out_dir={out}", "batch_sizes=[1,4]", "repeats=3",
+             "estimates=2", "bptt=10", "sub_batch=2", "model.embedding_size=8",
+             "model.hidden_size=8", "model.num_layers=1", "--quiet")
+    assert p.returncode == 0, p.stderr
+    assert "| batch size | gate | shared var mean [CI] | flipout var mean [CI] | shared/flipout |" \
+        in p.stdout
+    assert "FRESHLY INITIALIZED" in p.stdout and "Fitted log-log slopes" in p.stdout
+    result = json.loads((out / "results.json").read_text())
+    assert result["model"]["kind"] == "fresh-init"
+    assert len(result["rows"]) == 2 * len(gv.SUMMARY_GATES)
+    assert len(result["raw"]["flipout"]["4"]) == 2
+    csv_lines = (out / "results.csv").read_text().splitlines()
+    assert csv_lines[0].startswith("batch_size,gate,shared_mean")
+    assert len(csv_lines) == 1 + 2 * len(gv.SUMMARY_GATES)
+
+
+def test_cli_reads_a_checkpoint(tiny_ptb, tmp_path):
+    from lm.config import Config, ModelConfig
+    from lm.data import load_corpus
+    from lm.model import LanguageModel
+    corpus = load_corpus("word", tiny_ptb)
+    cfg = Config()
+    cfg.data.level, cfg.data.root = "word", str(tiny_ptb)
+    cfg.model = ModelConfig(embedding_size=8, hidden_size=8, num_layers=2)
+    cfg.model.lstm.weight_drop, cfg.model.lstm.flipout = 0.5, True  # trained as WD+flipout
+    model = LanguageModel(cfg.model, len(corpus.vocab))
+    path = tmp_path / "best.pt"
+    checkpoint.save({"format": checkpoint.FORMAT, "config": cfg.to_dict(),
+                     "vocab": corpus.vocab.to_dict(), "model": model.state_dict(),
+                     "progress": {"step": 7}}, path)
+    out = tmp_path / "out"
+    p = _cli(str(REPO / "recipes" / "grad_variance.yaml"), f"checkpoint={path}",
+             f"out_dir={out}", "batch_sizes=[1,2]", "repeats=3", "estimates=1", "bptt=6",
+             "--quiet")
+    assert p.returncode == 0, p.stderr
+    assert f"checkpoint {path} (step 7)" in p.stdout
+    result = json.loads((out / "results.json").read_text())
+    assert result["model"]["kind"] == "checkpoint" and result["model"]["hidden_size"] == 8
+    assert "n/a" in p.stdout  # E = 1: no confidence interval
+
+
+@pytest.mark.parametrize("override, words", [
+    ("repeatz=3", "repeatz"),
+    ("repeats=abc", "repeats"),
+    ("checkpoint=/nonexistent/best.pt", "not found"),
+])
+def test_cli_bad_config_exits_2_with_one_line(tmp_path, override, words):
+    p = _cli(str(REPO / "recipes" / "grad_variance.yaml"), override, f"out_dir={tmp_path}")
+    assert p.returncode == 2
+    lines = p.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: ") and words in lines[0]
+    assert p.stdout == ""
+
+
+def test_cli_missing_recipe_exits_2(tmp_path):
+    p = _cli(str(tmp_path / "nope.yaml"))
+    assert p.returncode == 2 and p.stderr.startswith("error: ")

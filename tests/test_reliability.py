@@ -1,0 +1,312 @@
+"""Crashes, signals, broken checkpoints and bad inputs: nothing is lost, every mistake is one line.
+
+Each test drives the real entry point (a subprocess, or ``train.main`` / ``evaluate.main``
+in-process where a fault has to be injected) and checks the exit code and the message.
+"""
+import errno
+import http.server
+import io
+import json
+import os
+import signal
+import subprocess
+import sys
+import tarfile
+import threading
+import time
+
+import pytest
+import torch
+
+import evaluate as evaluate_script
+import train as train_script
+from conftest import REPO, run_cli, tiny_overrides, write_tiny_ptb
+from lm import checkpoint
+
+
+@pytest.fixture(autouse=True)
+def _repo_cwd(monkeypatch):
+    monkeypatch.chdir(REPO)
+
+
+def metrics(run_dir):
+    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+def one_error_line(proc_or_text):
+    text = proc_or_text if isinstance(proc_or_text, str) else proc_or_text.stderr
+    lines = [line for line in text.strip().splitlines() if line.startswith("error: ")]
+    assert len(lines) == 1, text
+    return lines[0]
+
+
+# ----------------------------------------------------------------------------- crashes
+
+LONG = {"train.max_steps": 150, "train.checkpoint_every": 10, "train.log_every": 1,
+        "train.eval_every": 50, "model.hidden_size": 48, "model.embedding_size": 48}
+ONE_THREAD = {"OMP_NUM_THREADS": "1"}  # tiny models run fastest on one thread
+
+
+def start_training(data_root, out_dir):
+    args = ["train.py", "recipes/word_ptb.yaml", *tiny_overrides(data_root, out_dir, **LONG)]
+    return subprocess.Popen([sys.executable, *args], cwd=REPO, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, env={**os.environ, **ONE_THREAD})
+
+
+def wait_for_steps(run_dir, steps, proc, timeout=120):
+    """Block until metrics.jsonl has logged ``steps`` training steps."""
+    path, deadline = run_dir / "metrics.jsonl", time.time() + timeout
+    while time.time() < deadline:
+        assert proc.poll() is None, "training finished before it could be interrupted"
+        if path.exists() and sum('"train"' in line for line in path.read_text().splitlines()) >= steps:
+            return
+        time.sleep(0.02)
+    raise AssertionError("training made no progress")
+
+
+@pytest.fixture(scope="module")
+def reference_run(tmp_path_factory):
+    """An uninterrupted run; the interrupted ones must reproduce its metrics exactly."""
+    root = write_tiny_ptb(tmp_path_factory.mktemp("corpus") / "ptb")
+    out = tmp_path_factory.mktemp("reference")
+    proc = run_cli("train.py", "recipes/word_ptb.yaml", *tiny_overrides(root, out, **LONG), env=ONE_THREAD)
+    assert proc.returncode == 0, proc.stderr
+    return root, metrics(out / "word_ptb")
+
+
+def test_sigkill_mid_epoch_then_resume_loses_at_most_one_interval(reference_run, tmp_path):
+    root, expected = reference_run
+    proc = start_training(root, tmp_path)
+    wait_for_steps(tmp_path / "word_ptb", 37, proc)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    run = tmp_path / "word_ptb"
+    killed_at = max(line["step"] for line in metrics(run))
+    resumed = run_cli("train.py", "recipes/word_ptb.yaml", *tiny_overrides(root, tmp_path, **LONG), "--resume",
+                      env=ONE_THREAD)
+    assert resumed.returncode == 0, resumed.stderr
+    start = int(resumed.stdout.split("(step ")[1].split(")")[0])
+    assert 0 <= killed_at - start <= LONG["train.checkpoint_every"]
+    assert metrics(run) == expected
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
+def test_signal_saves_a_checkpoint_and_exits_0(reference_run, tmp_path, sig):
+    root, expected = reference_run
+    proc = start_training(root, tmp_path)
+    wait_for_steps(tmp_path / "word_ptb", 23, proc)
+    proc.send_signal(sig)
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode == 0, err
+    assert f"{signal.Signals(sig).name} received: stopped after step" in out and "--resume" in out
+    run = tmp_path / "word_ptb"
+    stopped_at = int(out.split("stopped after step ")[1].split(";")[0])
+    assert checkpoint.load(run / "last.pt")["progress"]["step"] == stopped_at  # nothing redone
+    resumed = run_cli("train.py", "recipes/word_ptb.yaml", *tiny_overrides(root, tmp_path, **LONG), "--resume",
+                      env=ONE_THREAD)
+    assert resumed.returncode == 0, resumed.stderr
+    assert metrics(run) == expected
+
+
+def short_run(root, out, **extra):
+    settings = {"train.max_steps": 9, "train.checkpoint_every": 3, **extra}
+    return train_script.main(["recipes/word_ptb.yaml", *tiny_overrides(root, out, **settings)])
+
+
+def test_only_the_newest_k_checkpoints_are_kept(tiny_ptb, tmp_path):
+    assert short_run(tiny_ptb, tmp_path, **{"train.keep_checkpoints": 2}) == 0
+    assert [p.name for p in checkpoint.numbered(tmp_path / "word_ptb")] == ["ckpt-00000006.pt", "ckpt-00000009.pt"]
+
+
+def test_corrupt_newest_checkpoint_falls_back_to_the_previous(tiny_ptb, tmp_path, capsys):
+    assert short_run(tiny_ptb, tmp_path) == 0
+    run = tmp_path / "word_ptb"
+    newest = run / "ckpt-00000009.pt"
+    newest.write_bytes(newest.read_bytes()[:1000])  # truncated; last.pt is the same file
+    capsys.readouterr()
+    code = train_script.main(["recipes/word_ptb.yaml", "--resume",
+                              *tiny_overrides(tiny_ptb, tmp_path, **{"train.max_steps": 12, "train.checkpoint_every": 3})])
+    assert code == 0
+    out = capsys.readouterr()
+    assert "last.pt is truncated or corrupted" in out.err and "trying an older checkpoint" in out.err
+    assert "resuming from" in out.out and "ckpt-00000006.pt (step 6)" in out.out
+    assert checkpoint.load(run / "last.pt")["progress"]["step"] == 12
+
+
+def test_failing_write_stops_with_a_message_and_keeps_the_previous_checkpoint(tiny_ptb, tmp_path, monkeypatch, capsys):
+    real_write, calls = checkpoint.atomic_write_bytes, {"n": 0}
+
+    def failing_write(path, data):
+        if path.name.startswith("ckpt-") and path.name != "ckpt-00000003.pt":
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real_write(path, data)
+
+    monkeypatch.setattr(checkpoint, "atomic_write_bytes", failing_write)
+    assert short_run(tiny_ptb, tmp_path) == 2
+    line = one_error_line(capsys.readouterr().err)
+    assert "could not write checkpoint" in line and "ckpt-00000006.pt" in line
+    assert "No space left on device" in line and "--resume" in line
+    run = tmp_path / "word_ptb"
+    assert checkpoint.load(run / "last.pt")["progress"]["step"] == 3
+    assert [p.name for p in checkpoint.numbered(run)] == ["ckpt-00000003.pt"]
+    assert not [p for p in run.iterdir() if ".tmp-" in p.name]
+
+
+def nan_at(monkeypatch, step):
+    calls, real = {"n": 0}, train_script.cross_entropy_sum
+
+    def poisoned(logits, target, mask=None):
+        loss = real(logits, target, mask)
+        calls["n"] += 1
+        return loss * float("nan") if calls["n"] == step else loss
+
+    monkeypatch.setattr(train_script, "cross_entropy_sum", poisoned)
+
+
+def test_nonfinite_loss_is_an_error_naming_the_step_and_checkpoint(tiny_ptb, tmp_path, monkeypatch, capsys):
+    nan_at(monkeypatch, 5)
+    assert short_run(tiny_ptb, tmp_path) == 2
+    line = one_error_line(capsys.readouterr().err)
+    assert "non-finite loss or gradient at step 5" in line
+    assert "last good checkpoint: " in line and "ckpt-00000003.pt" in line and "train.on_nonfinite=skip" in line
+    # The bad step never reached the weights: the checkpoint is the one before it.
+    assert checkpoint.load(tmp_path / "word_ptb" / "last.pt")["progress"]["step"] == 3
+
+
+def test_nonfinite_loss_can_be_skipped_and_counted(tiny_ptb, tmp_path, monkeypatch, capsys):
+    nan_at(monkeypatch, 5)
+    assert short_run(tiny_ptb, tmp_path, **{"train.on_nonfinite": "skip"}) == 0
+    assert "step 5 skipped" in capsys.readouterr().err
+    train_lines = [l for l in metrics(tmp_path / "word_ptb") if l["split"] == "train"]
+    assert train_lines[-1]["skipped"] == 1
+    last = checkpoint.load(tmp_path / "word_ptb" / "last.pt")
+    assert last["progress"]["skipped"] == 1
+    assert all(torch.isfinite(t).all() for t in last["model"].values())
+
+
+# ----------------------------------------------------------------------------- untrusted files
+
+
+def test_checkpoint_with_a_pickled_callable_is_refused(tmp_path):
+    evil = tmp_path / "evil.pt"
+    torch.save({"format": 1, "model": {}, "config": {}, "payload": os.system}, evil)
+    proc = run_cli("evaluate.py", evil)
+    assert proc.returncode == 2
+    assert "refusing to load" in one_error_line(proc) and "pickled Python objects" in proc.stderr
+
+
+def test_checkpoint_that_is_not_ours(tmp_path):
+    other = tmp_path / "other.pt"
+    torch.save({"weights": torch.zeros(3)}, other)
+    proc = run_cli("evaluate.py", other)
+    assert proc.returncode == 2 and "is not a checkpoint of this trainer" in one_error_line(proc)
+
+
+def test_missing_checkpoint_path(tmp_path):
+    proc = run_cli("evaluate.py", tmp_path / "nope.pt")
+    assert proc.returncode == 2 and "not found" in one_error_line(proc)
+
+
+def test_evaluate_a_checkpoint_of_another_shape_or_vocabulary(tiny_ptb, tmp_path):
+    assert short_run(tiny_ptb, tmp_path, **{"train.max_steps": 3}) == 0
+    best = checkpoint.load(tmp_path / "word_ptb" / "best.pt")
+    best["config"]["model"]["hidden_size"] = 32
+    torch.save(best, tmp_path / "shape.pt")
+    proc = run_cli("evaluate.py", tmp_path / "shape.pt", "--data-root", tiny_ptb)
+    assert proc.returncode == 2
+    assert "does not fit this model" in one_error_line(proc) and "(64, 16) in the checkpoint" in proc.stderr
+    best = checkpoint.load(tmp_path / "word_ptb" / "best.pt")
+    best["vocab"]["itos"] = best["vocab"]["itos"] + ["zebra"]
+    torch.save(best, tmp_path / "vocab.pt")
+    proc = run_cli("evaluate.py", tmp_path / "vocab.pt", "--data-root", tiny_ptb)
+    assert proc.returncode == 2
+    assert "different vocabulary or model size" in one_error_line(proc)
+
+
+def test_resume_into_another_model_shape(tiny_ptb, tmp_path, capsys):
+    assert short_run(tiny_ptb, tmp_path, **{"train.max_steps": 3}) == 0
+    capsys.readouterr()
+    code = train_script.main(["recipes/word_ptb.yaml", "--resume",
+                              *tiny_overrides(tiny_ptb, tmp_path, **{"model.hidden_size": 32})])
+    assert code == 2
+    line = one_error_line(capsys.readouterr().err)
+    assert "model.hidden_size (checkpoint 16, now 32)" in line
+
+
+def test_resume_with_nothing_to_resume(tiny_ptb, tmp_path):
+    proc = run_cli("train.py", "recipes/word_ptb.yaml", *tiny_overrides(tiny_ptb, tmp_path), "--resume")
+    assert proc.returncode == 2 and "nothing to resume" in one_error_line(proc)
+
+
+# ----------------------------------------------------------------------------- bad data
+
+
+def train_cli(root, tmp_path, recipe="word_ptb", **extra):
+    return run_cli("train.py", f"recipes/{recipe}.yaml", *tiny_overrides(root, tmp_path / "out", **extra))
+
+
+def test_missing_corpus_without_download(tmp_path):
+    proc = train_cli(tmp_path / "empty", tmp_path)
+    assert proc.returncode == 2
+    line = one_error_line(proc)
+    assert str(tmp_path / "empty") in line and "LM_DATA_ROOT" in line
+
+
+def test_empty_and_undecodable_files(tiny_ptb, tmp_path):
+    (tiny_ptb / "ptb.valid.txt").write_text("")
+    proc = train_cli(tiny_ptb, tmp_path)
+    assert proc.returncode == 2 and "ptb.valid.txt" in one_error_line(proc) and "empty" in proc.stderr
+    (tiny_ptb / "ptb.valid.txt").write_bytes(b" caf\xe9 \xff\n")
+    proc = train_cli(tiny_ptb, tmp_path)
+    assert proc.returncode == 2 and "ptb.valid.txt" in one_error_line(proc) and "UTF-8" in proc.stderr
+
+
+def test_unknown_words_map_to_unk_and_unknown_characters_are_an_error(tiny_ptb, tmp_path):
+    with open(tiny_ptb / "ptb.valid.txt", "a") as f:
+        f.write(" the zebra sat # \n")
+    assert train_cli(tiny_ptb, tmp_path, **{"train.max_steps": 1}).returncode == 0  # zebra -> <unk>
+    proc = train_cli(tiny_ptb, tmp_path, recipe="char_ptb", **{"train.max_steps": 1})
+    assert proc.returncode == 2
+    line = one_error_line(proc)
+    assert "token 'z'" in line and "ptb.valid.txt line 41" in line
+
+
+@pytest.fixture
+def tarball_server(tmp_path):
+    """Serve one file on 127.0.0.1; yields (set_payload, url)."""
+    payload = {"bytes": b""}
+
+    class Handler(http.server.BaseHTTPRequestHandler):
+        def do_GET(self):
+            self.send_response(200)
+            self.send_header("Content-Length", str(len(payload["bytes"])))
+            self.end_headers()
+            self.wfile.write(payload["bytes"])
+
+        def log_message(self, *args):
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield (lambda b: payload.__setitem__("bytes", b)), f"http://127.0.0.1:{server.server_port}/simple-examples.tgz"
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+def test_download_with_a_wrong_checksum(tiny_ptb, tmp_path, tarball_server):
+    set_payload, url = tarball_server
+    buffer = io.BytesIO()
+    with tarfile.open(fileobj=buffer, mode="w:gz") as tar:
+        for split in ("train", "valid", "test"):
+            tar.add(tiny_ptb / f"ptb.{split}.txt", arcname=f"simple-examples/data/ptb.{split}.txt")
+    set_payload(buffer.getvalue())
+    target = tmp_path / "fresh"
+    proc = run_cli("train.py", "recipes/word_ptb.yaml",
+                   *tiny_overrides(target, tmp_path / "out", **{"data.download": "true", "data.url": url}))
+    assert proc.returncode == 2
+    line = one_error_line(proc)
+    assert "SHA-256" in line or "checksum" in line
+    assert not list(target.glob("ptb.*.txt"))  # nothing half-verified is left behind

@@ -23,7 +23,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from lm import checkpoint
+from lm import checkpoint, fileio
 from lm.config import Config, load_config
 from lm.data import TrainStream, Vocab, load_corpus, prepare_ptb
 from lm.errors import CheckpointError, UserError
@@ -169,7 +169,7 @@ def train(args, stop: StopSignal) -> int:
         checkpoint.set_rng_state(saved["rng"])
     else:
         run_dir.mkdir(parents=True, exist_ok=True)
-        checkpoint.atomic_write_bytes(run_dir / "config.yaml", cfg.to_yaml().encode())
+        fileio.atomic_write_bytes(run_dir / "config.yaml", cfg.to_yaml().encode())
         corpus.vocab.save(run_dir / "vocab.json")
     log = MetricsLog(run_dir, tensorboard=tc.tensorboard,
                      keep_lines=progress["metrics_lines"] if saved else None,

@@ -26,37 +26,11 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from lm import fileio
 from lm.errors import CheckpointError
 
 FORMAT = 1
 CKPT_RE = re.compile(r"^ckpt-(\d{8})\.pt$")
-
-
-def fsync_dir(folder: Path) -> None:
-    try:
-        fd = os.open(folder, os.O_RDONLY)
-    except OSError:
-        return  # platforms without directory fds: the rename is still atomic
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def atomic_write_bytes(path: Path, data: bytes) -> None:
-    """Write ``data`` to ``path`` so that readers see the old file or the new one, whole."""
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
-        with open(tmp, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    fsync_dir(path.parent)
 
 
 def save(obj: dict, path: Path) -> None:
@@ -64,7 +38,7 @@ def save(obj: dict, path: Path) -> None:
     buffer = io.BytesIO()
     torch.save(obj, buffer)
     try:
-        atomic_write_bytes(path, buffer.getvalue())
+        fileio.atomic_write_bytes(path, buffer.getvalue())
     except OSError as exc:
         raise CheckpointError(
             f"could not write checkpoint {path}: {exc.strerror or exc}; earlier checkpoints are "
@@ -115,9 +89,9 @@ def save_training(obj: dict, run_dir: Path, step: int, keep: int) -> Path:
         try:
             os.link(path, tmp)
         except OSError:  # no hard links here (some network filesystems): copy instead
-            atomic_write_bytes(tmp, path.read_bytes())
+            fileio.atomic_write_bytes(tmp, path.read_bytes())
         os.replace(tmp, last)
-        fsync_dir(run_dir)
+        fileio.fsync_dir(run_dir)
     except OSError as exc:
         tmp.unlink(missing_ok=True)
         raise CheckpointError(f"could not update {last}: {exc.strerror or exc}; {path} was "

@@ -21,7 +21,7 @@ import torch
 import evaluate as evaluate_script
 import train as train_script
 from conftest import REPO, run_cli, tiny_overrides, write_tiny_ptb
-from lm import checkpoint
+from lm import checkpoint, fileio
 
 
 @pytest.fixture(autouse=True)
@@ -134,14 +134,14 @@ def test_corrupt_newest_checkpoint_falls_back_to_the_previous(tiny_ptb, tmp_path
 
 
 def test_failing_write_stops_with_a_message_and_keeps_the_previous_checkpoint(tiny_ptb, tmp_path, monkeypatch, capsys):
-    real_write, calls = checkpoint.atomic_write_bytes, {"n": 0}
+    real_write = fileio.atomic_write_bytes
 
     def failing_write(path, data):
         if path.name.startswith("ckpt-") and path.name != "ckpt-00000003.pt":
             raise OSError(errno.ENOSPC, "No space left on device")
         return real_write(path, data)
 
-    monkeypatch.setattr(checkpoint, "atomic_write_bytes", failing_write)
+    monkeypatch.setattr(fileio, "atomic_write_bytes", failing_write)
     assert short_run(tiny_ptb, tmp_path) == 2
     line = one_error_line(capsys.readouterr().err)
     assert "could not write checkpoint" in line and "ckpt-00000006.pt" in line
@@ -149,7 +149,7 @@ def test_failing_write_stops_with_a_message_and_keeps_the_previous_checkpoint(ti
     run = tmp_path / "word_ptb"
     assert checkpoint.load(run / "last.pt")["progress"]["step"] == 3
     assert [p.name for p in checkpoint.numbered(run)] == ["ckpt-00000003.pt"]
-    assert not [p for p in run.iterdir() if ".tmp-" in p.name]
+    assert not [p for p in run.iterdir() if p.name.startswith(".")]  # no temporary files left
 
 
 def nan_at(monkeypatch, step):

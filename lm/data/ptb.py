@@ -30,6 +30,7 @@ from pathlib import Path
 from typing import Mapping
 
 from lm.errors import DataError
+from lm.fileio import atomic_write_bytes
 
 PTB_URL = "http://www.fit.vutbr.cz/~imikolov/rnnlm/simple-examples.tgz"
 """Canonical location of Mikolov's ``simple-examples.tgz``."""
@@ -117,33 +118,6 @@ def _decode_checked(raw: bytes, path: Path) -> str:
 def sha256_bytes(data: bytes) -> str:
     """Hex SHA-256 of ``data``."""
     return hashlib.sha256(data).hexdigest()
-
-
-def _atomic_write_bytes(path: Path, data: bytes) -> None:
-    """Write ``data`` to ``path`` atomically: temp file in the same folder, fsync, os.replace."""
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(data)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except FileNotFoundError:
-            pass
-        raise
-    try:  # make the rename itself durable where the platform allows it
-        dfd = os.open(path.parent, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(dfd)
-    except OSError:
-        pass
-    finally:
-        os.close(dfd)
 
 
 def _download(url: str, dest, timeout: float, root: Path) -> None:
@@ -269,7 +243,7 @@ def _fetch(path: Path, missing: list[str], url: str, timeout: float, sums: Mappi
                 )
         for name in missing:
             _decode_checked(contents[name], path / name)
-            _atomic_write_bytes(path / name, contents[name])
+            atomic_write_bytes(path / name, contents[name])
     finally:
         try:
             tmp.unlink()

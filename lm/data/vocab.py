@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 from array import array
 from itertools import chain, repeat
 from pathlib import Path
@@ -24,6 +23,7 @@ from typing import Any, Iterable, Sequence
 import torch
 
 from lm.errors import DataError
+from lm.fileio import atomic_write_bytes
 
 EOS = "<eos>"
 UNK = "<unk>"
@@ -154,19 +154,7 @@ class Vocab:
         """Write :meth:`to_dict` as JSON, atomically (temp file, fsync, os.replace)."""
         path = Path(path)
         data = json.dumps(self.to_dict(), ensure_ascii=False).encode("utf-8")
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-        try:
-            with os.fdopen(fd, "wb") as fh:
-                fh.write(data)
-                fh.flush()
-                os.fsync(fh.fileno())
-            os.replace(tmp, path)
-        except BaseException:
-            try:
-                os.unlink(tmp)
-            except FileNotFoundError:
-                pass
-            raise
+        atomic_write_bytes(path, data)
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> "Vocab":

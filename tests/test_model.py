@@ -1,0 +1,88 @@
+"""The language model's pieces: embedding dropout, locked dropout, init, tying, one-hot input."""
+import pytest
+import torch
+
+from lm.config import LSTMConfig, ModelConfig
+from lm.model import LanguageModel, embedding_dropout, orthogonal_lstm_init_, sequence_dropout
+from lm.nn import LSTM
+
+
+def test_embedding_dropout_drops_whole_word_types():
+    torch.manual_seed(0)
+    weight = torch.randn(1000, 8)
+    dropped = embedding_dropout(weight, 0.3, training=True)
+    zero_rows = (dropped == 0).all(dim=1)
+    kept = ~zero_rows
+    # Rows are either entirely zero or entirely scaled by 1/(1-p): every occurrence of a
+    # dropped word type is dropped.
+    assert torch.allclose(dropped[kept], weight[kept] / 0.7)
+    # 1000 Bernoulli(0.3) draws: 300 ± 4.3 standard deviations (sd = 14.5).
+    assert 237 < int(zero_rows.sum()) < 363
+    assert embedding_dropout(weight, 0.3, training=False) is weight
+
+
+def test_locked_dropout_mask_is_fixed_over_time_standard_is_not():
+    torch.manual_seed(0)
+    x = torch.ones(20, 4, 50)
+    locked = sequence_dropout(x, 0.5, training=True, locked=True)
+    assert torch.equal(locked, locked[0].expand_as(locked))
+    assert set(locked.unique().tolist()) == {0.0, 2.0}
+    standard = sequence_dropout(x, 0.5, training=True, locked=False)
+    assert not torch.equal(standard, standard[0].expand_as(standard))
+    assert torch.equal(sequence_dropout(x, 0.5, training=False, locked=True), x)
+
+
+def test_orthogonal_init_makes_each_gate_block_orthogonal():
+    lstm = LSTM(30, 20)
+    orthogonal_lstm_init_(lstm)
+    for block in lstm.weight_hh_l0.chunk(4, dim=0):
+        assert torch.allclose(block @ block.t(), torch.eye(20), atol=1e-5)
+    for block in lstm.weight_ih_l0.chunk(4, dim=0):  # 20 x 30: orthonormal rows
+        assert torch.allclose(block @ block.t(), torch.eye(20), atol=1e-5)
+    assert (lstm.bias_hh_l0 == 0).all() and (lstm.bias_ih_l0 == 0).all()
+
+
+def test_tied_weights_share_storage_and_size_the_last_layer():
+    cfg = ModelConfig(embedding_size=12, hidden_size=20, num_layers=3, tie_weights=True)
+    model = LanguageModel(cfg, vocab_size=50)
+    assert model.decoder.weight is model.embedding.weight
+    assert [layer.hidden_size for layer in model.layers] == [20, 20, 12]
+    untied = LanguageModel(ModelConfig(embedding_size=12, hidden_size=20, num_layers=3), 50)
+    assert untied.num_parameters() - model.num_parameters() == 50 * 12 + (
+        # the untied last layer is 20 wide instead of 12
+        4 * 20 * (20 + 20) + 8 * 20 - (4 * 12 * (20 + 12) + 8 * 12)) + 50 * (20 - 12)
+
+
+def test_onehot_input_is_a_lookup_into_the_input_weight():
+    torch.manual_seed(0)
+    cfg = ModelConfig(input="onehot", hidden_size=16, num_layers=1)
+    model = LanguageModel(cfg, vocab_size=50).eval()
+    assert model.embedding is None and model.layers[0].input_size == 50
+    tokens = torch.randint(0, 50, (7, 3))
+    logits, _, _ = model(tokens)
+    dense, _ = model.layers[0](torch.nn.functional.one_hot(tokens, 50).float())
+    assert torch.allclose(logits, model.decoder(dense), atol=1e-6)
+
+
+def test_state_is_carried_and_eval_is_deterministic():
+    torch.manual_seed(0)
+    cfg = ModelConfig(embedding_size=8, hidden_size=8, num_layers=2, embedding_dropout=0.1,
+                      input_dropout=0.4, layer_dropout=0.3, output_dropout=0.4,
+                      lstm=LSTMConfig(weight_drop=0.5, flipout=True))
+    model = LanguageModel(cfg, vocab_size=30)
+    tokens = torch.randint(0, 30, (12, 5))
+    model.eval()
+    full, _, _ = model(tokens)
+    first, state, _ = model(tokens[:5])
+    second, _, _ = model(tokens[5:], state)
+    assert torch.allclose(torch.cat([first, second]), full, atol=1e-6)
+    assert torch.equal(model(tokens)[0], full)
+    model.train()
+    assert not torch.equal(model(tokens)[0], model(tokens)[0])  # noise is on in training
+
+
+@pytest.mark.parametrize("field", ["weight_drop", "cell_dropout", "zoneout_cell", "hidden_dropout"])
+def test_recipe_regularizers_reach_the_layer(field):
+    cfg = ModelConfig(embedding_size=8, hidden_size=8, num_layers=2, lstm=LSTMConfig(**{field: 0.25}))
+    model = LanguageModel(cfg, vocab_size=30)
+    assert all(getattr(layer, field) == 0.25 for layer in model.layers)

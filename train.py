@@ -24,7 +24,7 @@ import torch
 from tqdm import tqdm
 
 from lm import checkpoint, fileio
-from lm.config import Config, load_config
+from lm.config import Config, load_config, resolve_device
 from lm.data import TrainStream, Vocab, load_corpus, prepare_ptb
 from lm.errors import CheckpointError, UserError
 from lm.evaluation import evaluate, figures, headline
@@ -76,14 +76,6 @@ def parse_args(argv):
     return p.parse_intermixed_args(argv)
 
 
-def pick_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name.startswith("cuda") and not torch.cuda.is_available():
-        raise UserError(f"train.device={name} but no CUDA device is available; use train.device=cpu")
-    return torch.device(name)
-
-
 def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed % 2**32)
@@ -127,7 +119,7 @@ def train(args, stop: StopSignal) -> int:
         print(cfg.to_yaml(), end="")
         print(f"# parameters: {model.num_parameters():,}")
         return 0
-    device = pick_device(tc.device)
+    device = resolve_device(tc.device)
     run_dir = Path(tc.out_dir) / tc.run_name
     resume_cmd = " ".join(["python train.py", args.recipe, *args.overrides, "--resume"])
 

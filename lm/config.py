@@ -149,7 +149,7 @@ def _type_name(tp) -> str:
     return getattr(tp, "__name__", str(tp))
 
 
-def _coerce(value, tp, path: str):
+def coerce(value, tp, path: str):
     """Return ``value`` as type ``tp`` or raise ConfigError naming ``path``."""
     origin = typing.get_origin(tp)
     if origin in (typing.Union, types.UnionType):
@@ -157,7 +157,7 @@ def _coerce(value, tp, path: str):
         if value is None and type(None) in args:
             return None
         inner = [a for a in args if a is not type(None)]
-        return _coerce(value, inner[0], path)
+        return coerce(value, inner[0], path)
     if origin is Literal:
         choices = typing.get_args(tp)
         if value not in choices:
@@ -165,11 +165,16 @@ def _coerce(value, tp, path: str):
             extra = f" (did you mean {hint[0]!r}?)" if hint else ""
             raise ConfigError(f"{path}: {value!r} is not {_type_name(tp)}{extra}")
         return value
+    if origin is list:
+        (item,) = typing.get_args(tp)
+        if not isinstance(value, (list, tuple)) or not value:
+            raise ConfigError(f"{path}: expected a non-empty list, got {value!r}")
+        return [coerce(v, item, f"{path}[{i}]") for i, v in enumerate(value)]
     if origin is tuple:
         args = typing.get_args(tp)
         if not isinstance(value, (list, tuple)) or len(value) != len(args):
             raise ConfigError(f"{path}: expected {_type_name(tp)}, got {value!r}")
-        return tuple(_coerce(v, a, f"{path}[{i}]") for i, (v, a) in enumerate(zip(value, args)))
+        return tuple(coerce(v, a, f"{path}[{i}]") for i, (v, a) in enumerate(zip(value, args)))
     if tp is bool:
         if not isinstance(value, bool):
             raise ConfigError(f"{path}: expected true or false, got {value!r}")
@@ -194,7 +199,7 @@ def _coerce(value, tp, path: str):
     raise TypeError(f"unsupported config type {tp!r} at {path}")  # a bug in this module
 
 
-def _build(cls, raw, path: str):
+def build_section(cls, raw, path: str):
     """Build dataclass ``cls`` from a mapping, rejecting unknown keys and wrong types."""
     if raw is None:
         raw = {}
@@ -215,9 +220,9 @@ def _build(cls, raw, path: str):
         tp = hints[name]
         sub = f"{path}.{name}" if path else name
         if dataclasses.is_dataclass(tp):
-            kwargs[name] = _build(tp, raw[name], sub)
+            kwargs[name] = build_section(tp, raw[name], sub)
         else:
-            kwargs[name] = _coerce(raw[name], tp, sub)
+            kwargs[name] = coerce(raw[name], tp, sub)
     return cls(**kwargs)
 
 
@@ -293,6 +298,17 @@ def validate(cfg: Config) -> Config:
     return cfg
 
 
+def resolve_device(name: str):
+    """``train.device`` as a torch.device: ``auto`` is CUDA when present, else the CPU."""
+    import torch
+
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise ConfigError(f"device {name!r} asked for, but no CUDA device is available; use cpu")
+    return torch.device(name)
+
+
 # ----------------------------------------------------------------------------- loading
 
 
@@ -312,9 +328,10 @@ def parse_override(text: str) -> tuple[list[str], Any]:
     return key.split("."), parsed
 
 
-def apply_override(raw: dict, keys: list[str], value) -> None:
-    """Set ``raw[k0][k1]...`` = value, checking every key against the schema first."""
-    cls: Any = Config
+def apply_override(raw: dict, keys: list[str], value, schema=None) -> None:
+    """Set ``raw[k0][k1]...`` = value, checking every key against ``schema`` (a dataclass,
+    default :class:`Config`) first."""
+    cls: Any = schema or Config
     node = raw
     for depth, key in enumerate(keys):
         path = ".".join(keys[: depth + 1])
@@ -360,16 +377,21 @@ def read_recipe(path: str | Path) -> dict:
 
 
 def config_from_dict(raw: dict) -> Config:
-    return validate(_build(Config, raw, ""))
+    return validate(build_section(Config, raw, ""))
+
+
+def read_with_overrides(recipe: str | Path | None, overrides=(), schema=None) -> dict:
+    """The raw mapping of a recipe (or ``{}``) with ``key.path=value`` overrides applied."""
+    raw = read_recipe(recipe) if recipe is not None else {}
+    for text in overrides:
+        keys, value = parse_override(text)
+        apply_override(raw, keys, value, schema)
+    return raw
 
 
 def load_config(recipe: str | Path | None, overrides: list[str] = ()) -> Config:
     """Read a recipe, apply ``key.path=value`` overrides, and validate the result."""
-    raw = read_recipe(recipe) if recipe is not None else {}
-    for text in overrides:
-        keys, value = parse_override(text)
-        apply_override(raw, keys, value)
-    cfg = config_from_dict(raw)
+    cfg = config_from_dict(read_with_overrides(recipe, overrides))
     if cfg.train.run_name is None and recipe is not None:
         cfg.train.run_name = Path(recipe).stem
     return cfg

@@ -265,6 +265,9 @@ def validate(cfg: Config) -> Config:
     for name in ("weight_noise", "input_weight_noise"):
         _check(getattr(r, name) >= 0.0, f"model.lstm.{name}",
                f"a noise standard deviation must be >= 0, got {getattr(r, name)}")
+    for drop, noise in (("weight_drop", "weight_noise"), ("input_weight_drop", "input_weight_noise")):
+        _check(not (getattr(r, drop) and getattr(r, noise)), f"model.lstm.{drop}",
+               f"cannot be combined with model.lstm.{noise}; set one of them to 0")
     if r.flipout:
         _check(any([r.weight_drop, r.weight_noise, r.input_weight_drop, r.input_weight_noise]),
                "model.lstm.flipout", "flipout needs a weight perturbation; set "

@@ -55,6 +55,7 @@ def test_overrides_are_typed():
     (["model.lstm.weight_noise=0", "model.lstm.weight_drop=0.3"],
      r"model.lstm.weight_drop: flipout DropConnect needs exactly 0.5"),
     (["model.lstm.weight_noise=0"], r"model.lstm.flipout: flipout needs a weight perturbation"),
+    (["model.lstm.weight_drop=0.5"], r"model.lstm.weight_drop: cannot be combined with model.lstm.weight_noise"),
     (["optim.name=adamw"], r"optim.name: 'adamw' is not one of 'amsgrad', 'adam', 'sgd'"),
     (["optim.schedule=ntasgd"], r"ntasgd averages SGD iterates; set optim.name=sgd"),
     (["train.epochs"], r"not of the form key.path=value"),

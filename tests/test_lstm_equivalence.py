@@ -248,3 +248,27 @@ def test_index_input_equals_one_hot(kw):
             torch.testing.assert_close(b, a, **TOL)
     m.eval()
     torch.testing.assert_close(m(idx)[0], m(F.one_hot(idx, I).to(DT))[0], **TOL)
+
+
+@pytest.mark.parametrize("kw", [dict(weight_noise=0.5, flipout=True), dict(hidden_dropout=0.3),
+                                dict(weight_drop=0.5, flipout=True, hidden_dropout=0.2)],
+                         ids=["flipout", "gal", "flipout+gal"])
+def test_float32_fast_paths_match_float64(kw):
+    """float32 on CPU takes the packed-weight products (when MKL has them); compare with
+    the float64 computation of the same noise."""
+    T, B, I, H = 6, 4, 5, 64
+    m32 = LSTM(I, H, 1, **kw)
+    m64 = LSTM(I, H, 1, dtype=DT, **kw)
+    m64.load_state_dict(m32.state_dict())
+    noise = m32.sample_noise(B, seq_len=T)
+    noise64 = type(noise)(layers=tuple(type(ln)(**{k: None if v is None else v.to(DT)
+                                                     for k, v in vars(ln).items()})
+                                       for ln in noise.layers), batch_size=B, seq_len=T)
+    x = torch.randn(T, B, I)
+    o32, _ = m32(x, noise=noise)
+    o64, _ = m64(x.to(DT), noise=noise64)
+    g32 = torch.autograd.grad(o32.sum(), list(m32.parameters()))
+    g64 = torch.autograd.grad(o64.sum(), list(m64.parameters()))
+    torch.testing.assert_close(o32.to(DT), o64, rtol=1e-4, atol=1e-5)
+    for a, b in zip(g32, g64):
+        torch.testing.assert_close(a.to(DT), b, rtol=1e-3, atol=1e-4)

@@ -3,7 +3,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from lm.nn import LSTM, LSTMRecurrence
+from lm.nn import LSTM, lstm_recurrence
 
 DT = torch.float64
 T, B, H = 4, 3, 3
@@ -40,12 +40,12 @@ def test_recurrence_gradcheck(name):
     h0 = torch.randn(B, H, dtype=DT, requires_grad=True)
     c0 = torch.randn(B, H, dtype=DT, requires_grad=True)
     w = torch.randn(4 * H, H, dtype=DT, requires_grad=True)
-    dw = r = s = m = zc = zh = cm = None
+    e = r = s = m = zc = zh = cm = None
     if v.get("flip") == "dropconnect":
-        dw = (w.detach() * _signs((4 * H, H))).requires_grad_(True)
+        e = _signs((4 * H, H))                         # ΔŴ = W̄∘ξ
     elif v.get("flip") == "gauss":
-        dw = (0.8 * w.detach() * torch.randn(4 * H, H, dtype=DT)).requires_grad_(True)
-    if dw is not None:
+        e = 0.8 * torch.randn(4 * H, H, dtype=DT)     # ΔŴ = σ W̄∘ε
+    if e is not None:
         r, s = _signs((B, 4 * H)), _signs((B, H))
     if v.get("gal"):
         m = _bern((B, H), 0.7) / 0.7
@@ -60,10 +60,10 @@ def test_recurrence_gradcheck(name):
         cm = _bern((T, B, H), 0.7) / 0.7
     elif v.get("cm") == "seq":
         cm = _bern((B, H), 0.7) / 0.7
-    inputs = (xp, h0, c0, w, dw)
+    inputs = (xp, h0, c0, w)
 
-    def f(xp, h0, c0, w, dw):
-        return LSTMRecurrence.apply(xp, h0, c0, w, dw, r, s, m, zc, zh, cm)
+    def f(xp, h0, c0, w):
+        return lstm_recurrence(xp, h0, c0, w, e, r, s, m, zc, zh, cm)
 
     assert torch.autograd.gradcheck(f, inputs)
 

@@ -6,6 +6,7 @@ custom recurrence with its hand-written backward.
 """
 from .lstm import LSTM, LSTMArgumentError
 from .noise import LayerNoise, LSTMNoise
-from .recurrence import LSTMRecurrence
+from .recurrence import LSTMRecurrence, lstm_recurrence
 
-__all__ = ["LSTM", "LSTMArgumentError", "LSTMNoise", "LayerNoise", "LSTMRecurrence"]
+__all__ = ["LSTM", "LSTMArgumentError", "LSTMNoise", "LayerNoise", "LSTMRecurrence",
+           "lstm_recurrence"]

@@ -28,7 +28,7 @@ from torch import Tensor, nn
 from lm.errors import ConfigError
 
 from .noise import LayerNoise, LSTMNoise, bernoulli, relative_delta, signs
-from .recurrence import LSTMRecurrence
+from .recurrence import lstm_recurrence
 
 
 class LSTMArgumentError(ConfigError, ValueError):
@@ -241,6 +241,12 @@ class LSTM(nn.LSTM):
     # ------------------------------------------------------------------ forward
     def forward(self, input: Tensor, hx: Optional[Tuple[Tensor, Tensor]] = None, *,
                 noise: Optional[LSTMNoise] = None):
+        """``output, (h_n, c_n)`` as ``torch.nn.LSTM``; ``noise`` replaces this call's draw.
+
+        Training draws (or takes) one :class:`LSTMNoise` for the whole call, so sign vectors
+        and per-sequence masks hold over its steps; eval uses the mean weights (and zoneout's
+        expectation) and ignores ``noise``.
+        """
         index = not (input.is_floating_point() or input.is_complex())
         batched = input.dim() == (2 if index else 3)
         if input.dim() != (2 if index else 3) - (0 if batched else 1):
@@ -248,6 +254,8 @@ class LSTM(nn.LSTM):
                              f"input, got shape {tuple(input.shape)}")
         if not index and input.size(-1) != self.input_size:
             raise ValueError(f"LSTM: input.size(-1) must be {self.input_size}, got {input.size(-1)}")
+        if index:
+            input = input.long()
         bdim = 0 if self.batch_first else 1
         if not batched:
             input = input.unsqueeze(bdim)
@@ -329,12 +337,14 @@ class LSTM(nn.LSTM):
             w = torch.addcmul(w_ih, w_ih, ln.ih_delta)
         bias = b_ih + b_hh if self.bias else None
         if index:
-            xp = F.embedding(x, w.t())
+            # One-hot rows pick one column each, so the bias folds into the lookup table.
+            table = w.t().contiguous()
+            if bias is not None:
+                table = table + bias
+            xp = F.embedding(x, table)
             if flip:
                 s = ln.ih_s.gather(1, x.t()).t().unsqueeze(-1)           # s_n[idx_tn], (T, B, 1)
-                xp = xp + F.embedding(x, (w_ih * ln.ih_delta).t()) * s * ln.ih_r
-            if bias is not None:
-                xp = xp + bias
+                xp = xp + F.embedding(x, (w_ih * ln.ih_delta).t().contiguous()) * s * ln.ih_r
             return xp
         x2 = x.reshape(T * B, x.size(-1))
         xp = (torch.addmm(bias, x2, w.t()) if bias is not None else x2.mm(w.t())).view(T, B, G)
@@ -366,19 +376,18 @@ class LSTM(nn.LSTM):
             ln = noise.layers[layer] if noise is not None else None
             xp = self._input_projection(layer, x, ln, index and layer == 0)
             _, w_hh, _, _ = self._layer_weights(layer)
-            w, dw, r, s = w_hh, None, None, None
+            w, e, r, s = w_hh, None, None, None
             m = zc = zh = cm = None
             if ln is not None:
                 if ln.hh_delta is not None:
                     if ln.hh_r is not None:
-                        dw, r, s = w_hh * ln.hh_delta, ln.hh_r, ln.hh_s
+                        e, r, s = ln.hh_delta, ln.hh_r, ln.hh_s
                     else:
                         w = torch.addcmul(w_hh, w_hh, ln.hh_delta)
                 m, zc, zh, cm = ln.hidden_mask, ln.zoneout_cell, ln.zoneout_hidden, ln.cell_mask
             else:
                 zc, zh = eval_zc, eval_zh
-            out, h_n, c_n = LSTMRecurrence.apply(xp, h0[layer], c0[layer], w, dw, r, s, m,
-                                                 zc, zh, cm)
+            out, h_n, c_n = lstm_recurrence(xp, h0[layer], c0[layer], w, e, r, s, m, zc, zh, cm)
             hs.append(h_n)
             cs.append(c_n)
             if layer < self.num_layers - 1 and self.dropout and self.training:

@@ -26,6 +26,7 @@ Conventions (row convention, as ``torch.nn.LSTM``: ``gates = x W_ihᵀ + h W_hh�
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass
 from typing import Optional, Tuple
 
@@ -81,19 +82,33 @@ class LSTMNoise:
 
 def bernoulli(shape, keep: float, *, device, dtype, scale: bool) -> Tensor:
     """0/1 draws with P(1) = keep, optionally divided by keep (inverted dropout)."""
-    m = torch.empty(shape, device=device, dtype=dtype).bernoulli_(keep)
+    # rand < keep rather than bernoulli_: on CPU bernoulli_ is ~3x slower for large tensors.
+    m = (torch.rand(shape, device=device, dtype=dtype) < keep).to(dtype)
     return m.div_(keep) if scale else m
 
 
+_BITS = 62
+
+
 def signs(shape, *, device, dtype) -> Tensor:
-    """Independent ±1 entries, each with probability 1/2."""
-    return torch.empty(shape, device=device, dtype=dtype).bernoulli_(0.5).mul_(2).sub_(1)
+    """Independent ±1 entries, each with probability 1/2.
+
+    Drawn as the bits of uniform 62-bit integers (one random number per 62 signs), which
+    on CPU is several times faster than one draw per entry for the (4H, H) matrices.
+    """
+    n = math.prod(shape)
+    words = torch.randint(0, 1 << _BITS, ((n + _BITS - 1) // _BITS, 1), device=device)
+    shifts = torch.arange(_BITS, device=device)
+    bits = ((words >> shifts) & 1).view(-1)[:n].view(shape)
+    return bits.to(dtype).mul_(2).sub_(1)
 
 
 def relative_delta(shape, *, drop: float, sigma: float, device, dtype) -> Optional[Tensor]:
     """``e`` with ``ΔŴ = W̄ ∘ e``: ``m/(1-p) - 1`` for DropConnect, ``σ ε`` for Gaussian."""
+    if drop == 0.5:
+        return signs(shape, device=device, dtype=dtype)            # m/(1/2) - 1 = ξ = ±1
     if drop > 0:
         return bernoulli(shape, 1.0 - drop, device=device, dtype=dtype, scale=True).sub_(1)
     if sigma > 0:
-        return torch.randn(shape, device=device, dtype=dtype).mul_(sigma)
+        return torch.empty(shape, device=device, dtype=dtype).normal_(0.0, sigma)
     return None

@@ -174,3 +174,19 @@ def test_gradient_variance_shared_flat_flipout_one_over_n():
             assert 0.5 / N < ratio < 2.0 / N, ratio
         else:
             assert 0.6 < ratio < 1.6, ratio
+
+
+@pytest.mark.parametrize("kw", [dict(weight_noise=1.0, flipout=True), dict(zoneout_cell=0.3)])
+def test_pinned_noise_draws_nothing_from_the_global_rng(kw):
+    """Exact resume needs every random draw to come from the saved RNG streams in order; a
+    forward with pinned noise (first call of the process included) must draw nothing."""
+    import lm.nn.recurrence as recurrence
+
+    torch.manual_seed(0)
+    lstm = LSTM(6, 32, **kw).float()
+    x = torch.randn(5, 4, 6)
+    noise = lstm.sample_noise(4, seq_len=5)
+    recurrence._packed_ok = None  # as in a fresh process: the kernel probe runs again
+    before = torch.get_rng_state()
+    lstm(x, noise=noise)[0].sum().backward()
+    assert torch.equal(torch.get_rng_state(), before)

@@ -202,9 +202,10 @@ def bench(shape_name, repeats, independent=True, bt_steps=25):
             ratios.append(t / t_ref)
             if ref_fn is fns_ref:
                 ref_times.append(t_ref)
-        rows.append((name, statistics.median(ts), statistics.median(ratios), target))
+        q1, _, q3 = statistics.quantiles(ratios, n=4) if len(ratios) > 1 else (ratios * 3)
+        rows.append((name, statistics.median(ts), statistics.median(ratios), target, (q1, q3)))
     t_ref = statistics.median(ref_times)
-    rows.insert(0, ("torch.nn.LSTM (fwd+bwd)", t_ref, 1.0, None))
+    rows.insert(0, ("torch.nn.LSTM (fwd+bwd)", t_ref, 1.0, None, None))
     notes = []
     if shape_name == "char" and bt_steps:
         t, why = _bayesian_torch_time(bt_steps, max(1, repeats // 2))
@@ -213,7 +214,7 @@ def bench(shape_name, repeats, independent=True, bt_steps=25):
         else:
             t *= T / bt_steps
             rows.append((f"bayesian-torch LSTMFlipout ({bt_steps} steps, x{T / bt_steps:g})", t,
-                         t / t_ref, None))
+                         t / t_ref, None, None))
             notes.append(f"bayesian-torch LSTMFlipout resamples its weights at every step and "
                          f"keeps them all for backward (~24 GB at 100 steps), so it is timed over "
                          f"{bt_steps} steps in a memory-capped child process and scaled to {T}.")
@@ -222,7 +223,7 @@ def bench(shape_name, repeats, independent=True, bt_steps=25):
         if shape_name == "quick":
             ind()
         t = _time(ind)
-        rows.append(("independent per-example W (bmm, layer 1 only)", t, t / t_ref, None))
+        rows.append(("independent per-example W (bmm, layer 1 only)", t, t / t_ref, None, None))
         if L > 1:
             notes.append("independent per-example W runs the first layer only (a lower bound).")
         notes.append("independent per-example W is timed once, without warm-up.")
@@ -234,17 +235,21 @@ def render(shape_name, rows, notes, repeats):
     lines = [f"### {shape_name}: batch {B}, {T} steps, {'one-hot ' if index else ''}{I} -> {H}, "
              f"{L} layer{'s' if L > 1 else ''} (median of {repeats}, "
              f"{torch.get_num_threads()} threads, float32)", "",
-             "| variant | ms | ratio vs nn.LSTM | target | pass/fail |",
-             "|---|---:|---:|---:|---|"]
-    for name, t, ratio, target in rows:
+             "| variant | ms | ratio vs nn.LSTM | ratio IQR | target | pass/fail |",
+             "|---|---:|---:|---:|---:|---|"]
+    for name, t, ratio, target, iqr in rows:
         tgt = "-" if target is None else f"<= {target:.1f}x"
         if target is None:
             verdict = "-"
         elif shape_name == "quick":
             verdict = "n/a (tiny shape: overhead only)"
         else:
-            verdict = "pass" if ratio <= target else "FAIL"
-        lines.append(f"| {name} | {t * 1e3:.1f} | {ratio:.2f}x | {tgt} | {verdict} |")
+            # The median misses but a quarter of the paired runs meet the target: the
+            # difference is inside this machine's run-to-run noise, which is said, not hidden.
+            verdict = ("pass" if ratio <= target else
+                       "FAIL (within noise)" if iqr[0] <= target else "FAIL")
+        spread = "-" if iqr is None else f"{iqr[0]:.2f}-{iqr[1]:.2f}"
+        lines.append(f"| {name} | {t * 1e3:.1f} | {ratio:.2f}x | {spread} | {tgt} | {verdict} |")
     lines += [""] + [f"- {n}" for n in notes]
     return "\n".join(lines)
 

@@ -11,7 +11,7 @@ def test_benchmark_quick_prints_table():
                          capture_output=True, text=True, timeout=120, cwd=REPO)
     assert res.returncode == 0, res.stderr
     out = res.stdout
-    assert "| variant | ms | ratio vs nn.LSTM | target | pass/fail |" in out
+    assert "| variant | ms | ratio vs nn.LSTM | ratio IQR | target | pass/fail |" in out
     for name in ("WD shared", "Gauss shared", "WD+flipout", "Gauss+flipout", "Gal", "zoneout",
                  "Semeniuta", "eval forward", "independent per-example W"):
         assert f"| {name}" in out, name

@@ -87,19 +87,16 @@ def bernoulli(shape, keep: float, *, device, dtype, scale: bool) -> Tensor:
     return m.div_(keep) if scale else m
 
 
-_BITS = 62
-
-
 def signs(shape, *, device, dtype) -> Tensor:
     """Independent ±1 entries, each with probability 1/2.
 
-    Drawn as the bits of uniform 62-bit integers (one random number per 62 signs), which
-    on CPU is several times faster than one draw per entry for the (4H, H) matrices.
+    Drawn as the 8 bits of uniform random bytes (one random number per 8 signs, all in
+    uint8), which on CPU is about 3x faster than one draw per entry for the (4H, H) matrices.
     """
     n = math.prod(shape)
-    words = torch.randint(0, 1 << _BITS, ((n + _BITS - 1) // _BITS, 1), device=device)
-    shifts = torch.arange(_BITS, device=device)
-    bits = ((words >> shifts) & 1).view(-1)[:n].view(shape)
+    octets = torch.randint(0, 256, ((n + 7) // 8, 1), device=device, dtype=torch.uint8)
+    shifts = torch.arange(8, device=device, dtype=torch.uint8)
+    bits = ((octets >> shifts) & 1).view(-1)[:n].view(shape)
     return bits.to(dtype).mul_(2).sub_(1)
 
 

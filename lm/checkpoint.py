@@ -30,6 +30,9 @@ from lm import fileio
 from lm.errors import CheckpointError
 
 FORMAT = 1
+# What every checkpoint holds, and what a training checkpoint adds for --resume.
+REQUIRED = {"format", "config", "vocab", "model"}
+TRAINING = REQUIRED | {"optimizer", "schedule", "early_stopping", "progress", "base_lr", "rng", "hidden"}
 CKPT_RE = re.compile(r"^ckpt-(\d{8})\.pt$")
 
 
@@ -65,7 +68,7 @@ def load(path: Path, map_location="cpu") -> dict:
         first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
         raise CheckpointError(f"checkpoint {path} is truncated or corrupted ({first}); "
                               f"use an earlier checkpoint") from None
-    if not isinstance(obj, dict) or obj.get("format") != FORMAT or "model" not in obj:
+    if not isinstance(obj, dict) or obj.get("format") != FORMAT or not REQUIRED <= obj.keys():
         raise CheckpointError(f"{path} is not a checkpoint of this trainer (format {FORMAT}); "
                               f"pass a best.pt, last.pt or ckpt-*.pt written by train.py")
     return obj
@@ -116,7 +119,9 @@ def load_latest(run_dir: Path, warn=print) -> tuple[dict, Path]:
             warn(f"warning: {exc}; trying an older checkpoint")
             tried.append(path.name)
             continue
-        if "progress" not in obj:
+        if not TRAINING <= obj.keys():
+            warn(f"warning: {path} lacks the training state ({', '.join(sorted(TRAINING - obj.keys()))}); "
+                 f"trying an older checkpoint")
             tried.append(path.name)
             continue
         return obj, path

@@ -310,3 +310,18 @@ def test_download_with_a_wrong_checksum(tiny_ptb, tmp_path, tarball_server):
     line = one_error_line(proc)
     assert "SHA-256" in line or "checksum" in line
     assert not list(target.glob("ptb.*.txt"))  # nothing half-verified is left behind
+
+
+def test_resume_skips_a_checkpoint_without_training_state(tiny_ptb, tmp_path, capsys):
+    assert short_run(tiny_ptb, tmp_path) == 0
+    run = tmp_path / "word_ptb"
+    weights_only = {k: v for k, v in checkpoint.load(run / "last.pt").items() if k != "optimizer"}
+    (run / "last.pt").unlink()
+    torch.save(weights_only, run / "ckpt-00000009.pt")
+    capsys.readouterr()
+    code = train_script.main(["recipes/word_ptb.yaml", "--resume",
+                              *tiny_overrides(tiny_ptb, tmp_path, **{"train.max_steps": 12, "train.checkpoint_every": 3})])
+    assert code == 0
+    out = capsys.readouterr()
+    assert "ckpt-00000009.pt lacks the training state (optimizer)" in out.err
+    assert "ckpt-00000006.pt (step 6)" in out.out

@@ -12,10 +12,9 @@ import argparse
 import json
 import sys
 
-import torch
 
 from lm import checkpoint
-from lm.config import config_from_dict
+from lm.config import config_from_dict, resolve_device
 from lm.data import Vocab, load_corpus, prepare_ptb
 from lm.errors import UserError
 from lm.evaluation import evaluate, figures
@@ -33,7 +32,7 @@ def parse_args(argv):
                    help="folder with ptb.*.txt (default: the recipe's data.root, $LM_DATA_ROOT, data/ptb)")
     p.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N")
     p.add_argument("--json", action="store_true", help="print one JSON object")
-    return p.parse_args(argv)
+    return p.parse_intermixed_args(argv)
 
 
 def main(argv=None) -> int:
@@ -57,20 +56,19 @@ def run(args) -> dict:
         value = getattr(args, flag)
         if value is not None and value <= 0:
             raise UserError(f"--{flag.replace('_', '-')} must be positive, got {value}")
-    if args.device.startswith("cuda") and not torch.cuda.is_available():
-        raise UserError(f"--device {args.device} but no CUDA device is available; use --device cpu")
-    ckpt = checkpoint.load(args.checkpoint, map_location=args.device)
+    device = resolve_device(args.device)
+    ckpt = checkpoint.load(args.checkpoint, map_location=device)
     cfg = config_from_dict(ckpt["config"])
     vocab = Vocab.from_dict(ckpt["vocab"], source=args.checkpoint)
     model = LanguageModel(cfg.model, len(vocab))
-    checkpoint.load_model_state(model, ckpt["model"], args.checkpoint)
-    model.to(args.device)
+    checkpoint.load_model_state(model, checkpoint.eval_weights(ckpt), args.checkpoint)
+    model.to(device)
     root = prepare_ptb(args.data_root or cfg.data.root, cfg.data.url, download=cfg.data.download)
     corpus = load_corpus(cfg.data.level, root, vocab=vocab)
     result = evaluate(model, corpus.split(args.split),
                       batch_size=args.batch_size or cfg.data.eval_batch_size,
                       bptt=args.bptt or cfg.data.eval_bptt or cfg.data.bptt,
-                      bos_id=vocab.eos_id, device=torch.device(args.device))
+                      bos_id=vocab.eos_id, device=device)
     return {"checkpoint": args.checkpoint, "split": args.split, "level": cfg.data.level,
             "tokens": result["tokens"], "loss": result["loss"], **figures(result["loss"], cfg.data.level)}
 

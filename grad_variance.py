@@ -22,7 +22,7 @@ def parse_args(argv):
     p.add_argument("overrides", nargs="*", metavar="key=value",
                    help="override recipe fields, e.g. batch_sizes=[1,2,4,8] repeats=20 estimates=3")
     p.add_argument("--quiet", action="store_true", help="no progress lines on stderr")
-    return p.parse_args(argv)
+    return p.parse_intermixed_args(argv)
 
 
 def main(argv=None) -> int:

@@ -34,8 +34,10 @@ from lm.optim import EarlyStopping, Schedule, build_optimizer
 
 # Vocabulary sizes of Mikolov's PTB, so that --dry-run can count parameters without the data.
 PTB_VOCAB_SIZE = {"word": 10_000, "char": 50}
-# Sections that fix the model and its data: a checkpoint resumes only into the same ones.
-MUST_MATCH = ("data.level", "model", "optim.name")
+# Fields that fix the model, its data layout and the batch schedule (a pure function of the
+# seed): a checkpoint resumes only into the same ones.
+MUST_MATCH = ("data.level", "data.batch_size", "data.bptt", "data.shuffle", "data.carry_state",
+              "data.variable_bptt", "model", "optim.name", "train.seed")
 
 
 class NonFiniteError(UserError):
@@ -129,7 +131,7 @@ def train(args, stop: StopSignal) -> int:
         check_resumable(cfg, saved["config"], path)
         vocab = Vocab.from_dict(saved["vocab"], source=str(path))
         print(f"resuming from {path} (step {saved['progress']['step']})")
-    elif checkpoint.numbered(run_dir) or (run_dir / "best.pt").exists():
+    elif checkpoint.numbered(run_dir) or any((run_dir / n).exists() for n in ("last.pt", "best.pt")):
         raise UserError(f"{run_dir} already holds checkpoints; pass --resume to continue that run "
                         f"or choose another train.run_name=NAME")
 
@@ -159,13 +161,17 @@ def train(args, stop: StopSignal) -> int:
         base_lr = saved["base_lr"]
         state = None if saved["hidden"] is None else [(h.to(device), c.to(device)) for h, c in saved["hidden"]]
         checkpoint.set_rng_state(saved["rng"])
-    else:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        fileio.atomic_write_bytes(run_dir / "config.yaml", cfg.to_yaml().encode())
-        corpus.vocab.save(run_dir / "vocab.json")
-    log = MetricsLog(run_dir, tensorboard=tc.tensorboard,
-                     keep_lines=progress["metrics_lines"] if saved else None,
-                     purge_step=progress["step"] + 1 if saved else None)
+    try:
+        if saved is None:
+            run_dir.mkdir(parents=True, exist_ok=True)
+            fileio.atomic_write_bytes(run_dir / "config.yaml", cfg.to_yaml().encode())
+            corpus.vocab.save(run_dir / "vocab.json")
+        log = MetricsLog(run_dir, tensorboard=tc.tensorboard,
+                         keep_lines=progress["metrics_lines"] if saved else None,
+                         purge_step=progress["step"] + 1 if saved else None)
+    except OSError as exc:
+        raise UserError(f"cannot write the run directory {run_dir}: {exc.strerror or exc}; set "
+                        f"train.out_dir to a writable folder") from None
     print(f"run {run_dir}: {dc.level}-level PTB, {model.num_parameters():,} parameters, "
           f"{stream.num_batches(progress['epoch'])} batches/epoch, device {device}")
 
@@ -229,10 +235,11 @@ def train(args, stop: StopSignal) -> int:
                 total = total + tc.tar * (raw[1:] - raw[:-1]).pow(2).mean()
             optimizer.zero_grad(set_to_none=True)
             total.backward()
-            grad_norm = torch.nn.utils.clip_grad_norm_(params, clip).item()
+            norm = torch.nn.utils.clip_grad_norm_(params, clip)
+            loss_value, grad_norm = torch.stack([loss.detach(), norm]).tolist()  # one device sync
             progress["batch"] += 1
             progress["step"] += 1
-            step, loss_value = progress["step"], loss.item()
+            step = progress["step"]
             if not (math.isfinite(loss_value) and math.isfinite(grad_norm)):
                 if tc.on_nonfinite == "error":
                     raise NonFiniteError(

@@ -156,8 +156,20 @@ def set_rng_state(state: dict) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
+def eval_weights(ckpt: dict) -> dict:
+    """The weights to score: the NT-ASGD average where a training checkpoint has one (as the
+    trainer validates and saves in best.pt), else the model's own."""
+    averaged = (ckpt.get("schedule") or {}).get("averaged")
+    if not averaged:
+        return ckpt["model"]
+    return {k[len("module."):]: v for k, v in averaged.items() if k.startswith("module.")}
+
+
 def load_model_state(model: torch.nn.Module, state: dict, source) -> None:
     """``model.load_state_dict(state)``, or a one-line error saying which tensor differs."""
+    if not isinstance(state, dict) or not all(isinstance(k, str) for k in state):
+        raise CheckpointError(f"{source} holds no model weights (a mapping of names to tensors); "
+                              f"pass a checkpoint written by train.py")
     own = model.state_dict()
     missing = [k for k in own if k not in state]
     extra = [k for k in state if k not in own]

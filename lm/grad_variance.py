@@ -306,7 +306,7 @@ def prepare(cfg: GradVarianceConfig, device):
             raise UserError(f"checkpoint {cfg.checkpoint}: its config does not validate: {exc}") \
                 from None
         vocab = Vocab.from_dict(ckpt["vocab"], source=cfg.checkpoint)
-        level, model_cfg, state = train_cfg.data.level, train_cfg.model, ckpt["model"]
+        level, model_cfg, state = train_cfg.data.level, train_cfg.model, checkpoint.eval_weights(ckpt)
         root = cfg.data_root or train_cfg.data.root
         step = ckpt.get("progress", {}).get("step")
         source = {"kind": "checkpoint", "path": cfg.checkpoint, "step": step,

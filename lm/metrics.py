@@ -9,6 +9,7 @@ the number of lines the checkpoint recorded, dropping lines written after it.
 from __future__ import annotations
 
 import json
+import math
 import os
 from pathlib import Path
 
@@ -33,8 +34,11 @@ class MetricsLog:
 
     def log(self, step: int, split: str, **values) -> None:
         """Append one JSON line ``{"step", "split", ...values}``."""
-        record = {"step": step, "split": split, **values}
-        self._file.write(json.dumps(record) + "\n")
+        # Strict JSON has no NaN/Infinity: a non-finite value is written as null.
+        record = {"step": step, "split": split,
+                  **{k: None if isinstance(v, float) and not math.isfinite(v) else v
+                     for k, v in values.items()}}
+        self._file.write(json.dumps(record, allow_nan=False) + "\n")
         self._file.flush()
         self.lines += 1
         self.scalars(step, split, **values)

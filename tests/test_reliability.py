@@ -325,3 +325,63 @@ def test_resume_skips_a_checkpoint_without_training_state(tiny_ptb, tmp_path, ca
     out = capsys.readouterr()
     assert "ckpt-00000009.pt lacks the training state (optimizer)" in out.err
     assert "ckpt-00000006.pt (step 6)" in out.out
+
+
+@pytest.mark.parametrize("override", ["data.batch_size=8", "data.bptt=1000", "train.seed=7",
+                                      "data.variable_bptt=true"])
+def test_resume_with_another_data_layout_or_seed(tiny_ptb, tmp_path, capsys, override):
+    assert short_run(tiny_ptb, tmp_path, **{"train.max_steps": 3}) == 0
+    capsys.readouterr()
+    code = train_script.main(["recipes/word_ptb.yaml", "--resume", *tiny_overrides(tiny_ptb, tmp_path), override])
+    assert code == 2
+    line = one_error_line(capsys.readouterr().err)
+    assert f"cannot resume" in line and override.split("=")[0] in line
+
+
+def test_a_stale_last_checkpoint_is_not_overwritten(tiny_ptb, tmp_path, capsys):
+    (tmp_path / "word_ptb").mkdir()
+    (tmp_path / "word_ptb" / "last.pt").write_bytes(b"an older run")
+    assert short_run(tiny_ptb, tmp_path) == 2
+    assert "already holds checkpoints" in capsys.readouterr().err
+    assert (tmp_path / "word_ptb" / "last.pt").read_bytes() == b"an older run"
+
+
+def test_unwritable_run_directory(tiny_ptb, tmp_path):
+    blocker = tmp_path / "a-file"
+    blocker.write_text("not a folder")
+    proc = run_cli("train.py", "recipes/word_ptb.yaml", *tiny_overrides(tiny_ptb, blocker))
+    assert proc.returncode == 2
+    line = one_error_line(proc)
+    assert "cannot write the run directory" in line and "train.out_dir" in line
+
+
+@pytest.mark.skipif(not os.path.isdir("/proc/self"), reason="needs a read-only /proc")
+def test_unwritable_data_folder(tmp_path):
+    proc = run_cli("train.py", "recipes/word_ptb.yaml",
+                   *tiny_overrides("/proc", tmp_path / "out", **{"data.download": "true"}))
+    assert proc.returncode == 2
+    line = one_error_line(proc)
+    assert "cannot write to the data folder /proc" in line and "LM_DATA_ROOT" in line
+
+
+@pytest.mark.parametrize("device, message", [("foo", "cuda or cuda:N"),
+                                             ("meta", "cuda or cuda:N"),
+                                             ("cuda:7", "CUDA device(s) are available")])
+def test_bad_device_names(tiny_ptb, tmp_path, device, message):
+    assert short_run(tiny_ptb, tmp_path, **{"train.max_steps": 2}) == 0
+    proc = run_cli("evaluate.py", tmp_path / "word_ptb" / "best.pt", "--device", device,
+                   "--data-root", tiny_ptb)
+    assert proc.returncode == 2 and message in one_error_line(proc)
+    proc = run_cli("train.py", "recipes/word_ptb.yaml",
+                   *tiny_overrides(tiny_ptb, tmp_path / "other", **{"train.device": device}))
+    assert proc.returncode == 2 and message in one_error_line(proc)
+
+
+def test_metrics_lines_stay_strict_json(tmp_path):
+    from lm.metrics import MetricsLog
+
+    log = MetricsLog(tmp_path, tensorboard=False)
+    log.log(3, "train", loss=float("nan"), grad_norm=float("inf"), lr=0.5)
+    log.close()
+    assert json.loads((tmp_path / "metrics.jsonl").read_text()) == \
+        {"step": 3, "split": "train", "loss": None, "grad_norm": None, "lr": 0.5}

@@ -169,3 +169,29 @@ def test_evaluate_batch_size_one_is_the_exact_stream(tiny_ptb, tmp_path):
     assert results["1"]["tokens"] == results["3"]["tokens"]
     assert results["1"]["loss"] != results["3"]["loss"]  # columns start from zero state
     assert results["1"]["loss"] == pytest.approx(results["3"]["loss"], rel=0.1)
+
+
+def test_evaluating_an_ntasgd_training_checkpoint_scores_the_average(tiny_ptb, tmp_path):
+    assert run_train("word_ptb", tiny_ptb, tmp_path, **{"optim.name": "sgd", "optim.schedule": "ntasgd",
+                     "optim.lr": 1000.0, "optim.nonmono": 1, "train.eval_every": 2, "train.max_steps": 12}) == 0
+    last = checkpoint.load(tmp_path / "word_ptb" / "last.pt")
+    weights = checkpoint.eval_weights(last)
+    assert weights.keys() == last["model"].keys()
+    assert torch.equal(weights["decoder.weight"], last["schedule"]["averaged"]["module.decoder.weight"])
+    import evaluate as evaluate_script
+    from lm.config import config_from_dict
+    from lm.data import Vocab, load_corpus
+    from lm.evaluation import evaluate
+
+    def loss_with(state):
+        cfg = config_from_dict(last["config"])
+        model = LanguageModel(cfg.model, len(last["vocab"]["itos"]))
+        model.load_state_dict(state)
+        corpus = load_corpus("word", tiny_ptb, vocab=Vocab.from_dict(last["vocab"]))
+        return evaluate(model, corpus.valid, batch_size=cfg.data.eval_batch_size, bptt=cfg.data.bptt,
+                        bos_id=corpus.vocab.eos_id, device=torch.device("cpu"))["loss"]
+
+    result = evaluate_script.run(evaluate_script.parse_args(
+        [str(tmp_path / "word_ptb" / "last.pt"), "--split", "valid", "--data-root", str(tiny_ptb)]))
+    assert result["loss"] == pytest.approx(loss_with(weights), rel=1e-12)
+    assert result["loss"] != pytest.approx(loss_with(last["model"]), rel=1e-6)

@@ -220,12 +220,12 @@ def prepare_ptb(
 def _fetch(path: Path, missing: list[str], url: str, timeout: float, sums: Mapping[str, str]) -> None:
     try:
         path.mkdir(parents=True, exist_ok=True)
+        fd, tmp_name = tempfile.mkstemp(dir=path, prefix=".simple-examples.", suffix=".tgz.part")
     except OSError as exc:
         raise DataError(
-            f"cannot create the data folder {path} ({_one_line(exc)}); "
+            f"cannot write to the data folder {path} ({_one_line(exc)}); "
             f"set {ENV_VAR} or data.root to a writable folder"
         ) from exc
-    fd, tmp_name = tempfile.mkstemp(dir=path, prefix=".simple-examples.", suffix=".tgz.part")
     tmp = Path(tmp_name)
     try:
         with os.fdopen(fd, "wb") as fh:

@@ -25,7 +25,6 @@ Conventions (row convention, as ``torch.nn.LSTM``: ``gates = x W_iháµ€ + h W_hhá
 """
 from __future__ import annotations
 
-import dataclasses
 import math
 from dataclasses import dataclass
 from typing import Optional, Tuple
@@ -75,9 +74,6 @@ class LSTMNoise:
     layers: Tuple[LayerNoise, ...]
     batch_size: int
     seq_len: Optional[int] = None
-
-    def replace_layers(self, layers) -> "LSTMNoise":
-        return dataclasses.replace(self, layers=tuple(layers))
 
 
 def bernoulli(shape, keep: float, *, device, dtype, scale: bool) -> Tensor:

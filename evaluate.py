@@ -12,7 +12,6 @@ import argparse
 import json
 import sys
 
-
 from lm import checkpoint
 from lm.config import config_from_dict, resolve_device
 from lm.data import Vocab, load_corpus, prepare_ptb

@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, Optional
 
+import torch
 import yaml
 
 from lm.data.ptb import PTB_URL
@@ -303,8 +304,6 @@ def validate(cfg: Config) -> Config:
 
 def resolve_device(name: str):
     """``train.device`` as a torch.device: ``auto`` is CUDA when present, else the CPU."""
-    import torch
-
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     try:

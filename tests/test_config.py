@@ -1,5 +1,4 @@
 """Recipes and overrides: every recipe loads, every mistake is a one-line error naming the key."""
-from pathlib import Path
 
 import pytest
 

@@ -161,7 +161,6 @@ def reference_forward(m, x, hx, noise):
     ``x`` time-major dense (T, B, I); between-layer dropout must be 0.
     """
     T, B, _ = x.shape
-    H = m.hidden_size
     hs, cs = [], []
     for layer in range(m.num_layers):
         ln = noise.layers[layer]

@@ -18,7 +18,6 @@ import time
 import pytest
 import torch
 
-import evaluate as evaluate_script
 import train as train_script
 from conftest import REPO, run_cli, tiny_overrides, write_tiny_ptb
 from lm import checkpoint, fileio
@@ -335,7 +334,7 @@ def test_resume_with_another_data_layout_or_seed(tiny_ptb, tmp_path, capsys, ove
     code = train_script.main(["recipes/word_ptb.yaml", "--resume", *tiny_overrides(tiny_ptb, tmp_path), override])
     assert code == 2
     line = one_error_line(capsys.readouterr().err)
-    assert f"cannot resume" in line and override.split("=")[0] in line
+    assert "cannot resume" in line and override.split("=")[0] in line
 
 
 def test_a_stale_last_checkpoint_is_not_overwritten(tiny_ptb, tmp_path, capsys):

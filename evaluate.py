@@ -1,10 +1,21 @@
-"""Score a checkpoint on a PTB split: tokens scored, mean loss, bits per character or perplexity.
+"""Score a checkpoint on a split: tokens scored, mean loss, bits per character or perplexity.
 
     python evaluate.py checkpoints/<run>/best.pt [--split valid|test] [--batch-size N] [--json]
+                       [--warmup W] [--reset-every N] [--threads N] [--no-progress]
+                       [--mc-samples K [--seed S]]
 
-The model, its config and its vocabulary all come from the checkpoint, so the ids are the
-training run's. ``--batch-size 1`` scores the split as one unbroken stream with the state
-carried (the exact figure); the default, the recipe's ``data.eval_batch_size``, is faster.
+The model, its config and its tokenizer (vocabulary, or sentencepiece model) all come from
+the checkpoint, so the ids are the training run's; the corpus is the run's ``data.source``.
+Besides the per-token figure, ``bpc_raw`` is bits per character of the split's raw text, one
+scale for every tokenizer (:func:`lm.evaluation.raw_bpc`). ``--batch-size 1`` scores the
+split as one unbroken stream with the state carried (the exact figure); the default, the
+recipe's ``data.eval_batch_size`` columns each warmed up on the ``data.eval_warmup`` tokens
+before their start (``--warmup``), comes to the same figure much faster (lm.data.EvalStream).
+``--reset-every N`` zeroes the state every N tokens instead: with N the training window it
+scores a character run in the condition it was trained in. Ctrl-C stops with exit status 130.
+``--mc-samples K`` adds the Monte Carlo figure beside the deterministic one: the model's noise
+(dropout, weight noise, zoneout) on, each token's probability averaged over K draws
+(:func:`lm.evaluation.evaluate_mc`); ``--seed`` fixes the draws.
 """
 from __future__ import annotations
 
@@ -12,11 +23,13 @@ import argparse
 import json
 import sys
 
+import torch
+
 from lm import checkpoint
 from lm.config import config_from_dict, resolve_device
-from lm.data import Vocab, load_corpus, prepare_ptb
+from lm.data import open_corpus, tokenizer_from_checkpoint
 from lm.errors import UserError
-from lm.evaluation import evaluate, figures
+from lm.evaluation import eval_warmup, evaluate, evaluate_mc, figures, raw_bpc
 from lm.model import LanguageModel
 
 
@@ -31,6 +44,19 @@ def parse_args(argv):
                    help="folder with ptb.*.txt (default: the recipe's data.root, $LM_DATA_ROOT, data/ptb)")
     p.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N")
     p.add_argument("--json", action="store_true", help="print one JSON object")
+    p.add_argument("--warmup", type=int, default=None, metavar="W",
+                   help="tokens each column reads unscored before its start (default: the recipe's "
+                        "data.eval_warmup, else the level's default; 0: none)")
+    p.add_argument("--reset-every", type=int, default=None, metavar="N",
+                   help="zero the state every N tokens (N = the training window: the training "
+                        "condition of character runs); default: never")
+    p.add_argument("--threads", type=int, default=None, metavar="N",
+                   help="CPU threads for torch (default: torch's own choice)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.add_argument("--mc-samples", type=int, default=None, metavar="K",
+                   help="also score the predictive distribution averaged over K noise samples "
+                        "(noise on, per-token probabilities averaged)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the --mc-samples noise (default 0)")
     return p.parse_intermixed_args(argv)
 
 
@@ -41,35 +67,62 @@ def main(argv=None) -> int:
     except UserError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        print(f"\ninterrupted: scoring {args.checkpoint} on the {args.split} split stopped; "
+              f"nothing was written", file=sys.stderr)
+        return 130
     if args.json:
         print(json.dumps(result))
     else:
         name = "bpc" if "bpc" in result else "ppl"
         print(f"{result['checkpoint']}: {result['split']} split, {result['tokens']:,} tokens, "
-              f"loss {result['loss']:.4f} nats, {name} {result[name]:.4f}")
+              f"loss {result['loss']:.4f} nats, {name} {result[name]:.4f}"
+              + (f", bpc_raw {result['bpc_raw']:.4f}" if "bpc_raw" in result else "")
+              + (f"; Monte Carlo over {result['mc_samples']} noise samples: loss "
+                 f"{result['mc_loss']:.4f} nats, {name} {result['mc_' + name]:.4f}"
+                 + (f", bpc_raw {result['mc_bpc_raw']:.4f}" if "mc_bpc_raw" in result else "")
+                 if "mc_samples" in result else ""))
     return 0
 
 
 def run(args) -> dict:
-    for flag in ("batch_size", "bptt"):
+    for flag in ("batch_size", "bptt", "reset_every", "threads", "mc_samples"):
         value = getattr(args, flag)
         if value is not None and value <= 0:
             raise UserError(f"--{flag.replace('_', '-')} must be positive, got {value}")
+    if args.warmup is not None and args.warmup < 0:
+        raise UserError(f"--warmup must be >= 0 tokens (0: no warm-up), got {args.warmup}")
+    if args.threads:
+        torch.set_num_threads(args.threads)
     device = resolve_device(args.device)
     ckpt = checkpoint.load(args.checkpoint, map_location=device)
     cfg = config_from_dict(ckpt["config"])
-    vocab = Vocab.from_dict(ckpt["vocab"], source=args.checkpoint)
+    vocab = tokenizer_from_checkpoint(ckpt, cfg.data, args.checkpoint).vocab
     model = LanguageModel(cfg.model, len(vocab))
     checkpoint.load_model_state(model, checkpoint.eval_weights(ckpt), args.checkpoint)
     model.to(device)
-    root = prepare_ptb(args.data_root or cfg.data.root, cfg.data.url, download=cfg.data.download)
-    corpus = load_corpus(cfg.data.level, root, vocab=vocab)
-    result = evaluate(model, corpus.split(args.split),
-                      batch_size=args.batch_size or cfg.data.eval_batch_size,
-                      bptt=args.bptt or cfg.data.eval_bptt or cfg.data.bptt,
-                      bos_id=vocab.eos_id, device=device)
-    return {"checkpoint": args.checkpoint, "split": args.split, "level": cfg.data.level,
-            "tokens": result["tokens"], "loss": result["loss"], **figures(result["loss"], cfg.data.level)}
+    if args.data_root:
+        cfg.data.root = args.data_root
+    corpus = open_corpus(cfg.data, saved=ckpt, source=args.checkpoint, splits=(args.split,))
+    batch_size = args.batch_size or cfg.data.eval_batch_size
+    warmup = eval_warmup(cfg.data) if args.warmup is None else args.warmup
+    scoring = dict(batch_size=batch_size, bptt=args.bptt or cfg.data.eval_bptt or cfg.data.bptt,
+                   bos_id=vocab.eos_id, device=device, warmup=warmup,
+                   reset_every=args.reset_every or 0, progress=not args.no_progress)
+    result = evaluate(model, corpus.split(args.split), **scoring)
+    out = {"checkpoint": args.checkpoint, "split": args.split, "level": corpus.level,
+           "batch_size": batch_size, "warmup": 0 if args.reset_every else warmup,
+           "reset_every": args.reset_every or 0,
+           "tokens": result["tokens"], "loss": result["loss"], **figures(result["loss"], corpus.level),
+           **raw_bpc(result["loss"], result["tokens"], corpus.chars.get(args.split))}
+    if args.mc_samples:
+        torch.manual_seed(args.seed)  # the noise draws: the same figure on every call
+        mc = evaluate_mc(model, corpus.split(args.split), samples=args.mc_samples, **scoring)
+        mc_figures = {**figures(mc["loss"], corpus.level),
+                      **raw_bpc(mc["loss"], mc["tokens"], corpus.chars.get(args.split))}
+        out.update({"mc_samples": args.mc_samples, "mc_seed": args.seed, "mc_loss": mc["loss"],
+                    **{f"mc_{k}": v for k, v in mc_figures.items()}})
+    return out
 
 
 if __name__ == "__main__":

@@ -1,18 +1,23 @@
 """Train an LSTM language model on Penn Treebank from a YAML recipe.
 
     python train.py recipes/char_ptb.yaml [key.path=value ...] [--dry-run] [--resume]
+    torchrun --nproc_per_node=N train.py recipes/char_ptb.yaml [...]   # data-parallel (DDP)
 
 The loop below reads top to bottom: config, data, model, optimizer and schedule, (resume),
 then epochs of truncated-BPTT steps with periodic evaluation and checkpoints, and at the end
 the best weights scored on the test split. SIGINT/SIGTERM finish the current step, save a
-checkpoint and exit 0; ``--resume`` continues from the newest good checkpoint exactly (on CPU
-the resumed run's losses equal an uninterrupted run's, step for step).
+checkpoint and exit 0 (a second one stops at once, exit 128+N, the newest checkpoint whole);
+one process at a time holds a run directory (lm/runlock.py); ``--resume`` continues from the
+newest good checkpoint exactly (on CPU the resumed run's losses equal an uninterrupted run's,
+step for step). Under torchrun the same
+loop runs in every process, each on its share of the global batch (see lm/distributed.py).
 """
 from __future__ import annotations
 
 import argparse
 import contextlib
 import math
+import os
 import random
 import signal
 import sys
@@ -23,12 +28,12 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from lm import checkpoint, fileio
+from lm import checkpoint, distributed, fileio, runlock
 from lm.config import Config, load_config, resolve_device
-from lm.data import TrainStream, Vocab, load_corpus, prepare_ptb
+from lm.data import TrainStream, open_corpus
 from lm.errors import CheckpointError, UserError
-from lm.evaluation import evaluate, figures, headline
-from lm.metrics import MetricsLog
+from lm.evaluation import eval_warmup, evaluate, figures, headline, raw_bpc
+from lm.metrics import MetricsLog, NullLog, write_run_summary
 from lm.model import LanguageModel, cross_entropy_sum, detach_state
 from lm.optim import EarlyStopping, Schedule, build_optimizer
 
@@ -36,7 +41,10 @@ from lm.optim import EarlyStopping, Schedule, build_optimizer
 PTB_VOCAB_SIZE = {"word": 10_000, "char": 50}
 # Fields that fix the model, its data layout and the batch schedule (a pure function of the
 # seed): a checkpoint resumes only into the same ones.
-MUST_MATCH = ("data.level", "data.batch_size", "data.bptt", "data.shuffle", "data.carry_state",
+MUST_MATCH = ("data.level", "data.source", "data.name", "data.config", "data.train_split",
+              "data.valid_split", "data.test_split", "data.text_field", "data.tokenizer",
+              "data.min_count", "data.vocab_size", "data.sp_model", "data.train_tokens",
+              "data.batch_size", "data.bptt", "data.shuffle", "data.carry_state",
               "data.variable_bptt", "model", "optim.name", "train.seed")
 
 
@@ -44,16 +52,59 @@ class NonFiniteError(UserError):
     pass
 
 
+class StopNow(KeyboardInterrupt):
+    """A second SIGINT/SIGTERM: leave at once. main() turns it into one line and exit 128+N.
+    (A KeyboardInterrupt, so that no ``except Exception`` on the way swallows it.)"""
+
+    def __init__(self, signum: int):
+        super().__init__(signum)
+        self.signum = signum
+
+
 class StopSignal:
-    """Turns SIGINT/SIGTERM into a flag the loop checks after each step."""
+    """Turns SIGINT/SIGTERM into a flag the loop checks after each step.
+
+    The first signal says at once that the run stops after the current step and saves. A
+    second one stops at once (:class:`StopNow`), except while a checkpoint is being written
+    (:meth:`deferred`): that write finishes first, so the newest checkpoint is always whole.
+    """
 
     def __init__(self):
         self.signum = None
+        self.again = None  # a second signal that arrived during a deferred block
+        self.depth = 0
+        self.explain = lambda: "nothing had been written yet"  # train() says more once it can
 
     def __call__(self, signum, frame):
-        if self.signum is not None:  # a second Ctrl-C: the user wants out now
-            raise KeyboardInterrupt
-        self.signum = signum
+        if self.signum is None:
+            self.signum = signum
+            name = signal.Signals(signum).name
+            again = "press Ctrl-C again to stop" if signum == signal.SIGINT else f"a second {name} stops"
+            self._say(f"\n{name} received: stopping after the current step and saving a "
+                      f"checkpoint ({again} at once, losing the steps since the last checkpoint)\n")
+        elif self.depth:
+            self.again = signum
+        else:
+            raise StopNow(signum)
+
+    @staticmethod
+    def _say(text: str) -> None:
+        """Print from a signal handler: a raw write, since the handler may interrupt a print."""
+        try:
+            os.write(sys.stderr.fileno(), text.encode())
+        except (AttributeError, OSError, ValueError):  # no file descriptor (captured stderr)
+            print(text, end="", file=sys.stderr)
+
+    @contextlib.contextmanager
+    def deferred(self):
+        """A second signal inside this block takes effect when the block ends."""
+        self.depth += 1
+        try:
+            yield
+        finally:
+            self.depth -= 1
+        if not self.depth and self.again is not None:
+            raise StopNow(self.again)
 
     @contextlib.contextmanager
     def installed(self):
@@ -69,13 +120,30 @@ class StopSignal:
 def parse_args(argv):
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("recipe", help="YAML recipe, e.g. recipes/char_ptb.yaml")
-    p.add_argument("overrides", nargs="*", metavar="key.path=value",
+    p.add_argument("overrides", nargs="*", default=[], metavar="key.path=value",  # optional
                    help="override recipe fields, e.g. train.epochs=2 model.hidden_size=256")
     p.add_argument("--resume", action="store_true",
                    help="continue the run in <out_dir>/<run_name> from its newest checkpoint")
     p.add_argument("--dry-run", action="store_true",
                    help="print the resolved config and the parameter count, then exit")
     return p.parse_intermixed_args(argv)
+
+
+def dry_run_parameters(cfg: Config) -> str:
+    """The parameter count before any data is read. PTB's vocabulary sizes are known and a
+    sentencepiece vocabulary has ``data.vocab_size`` entries; any other vocabulary is built from
+    the training split, so the count is given as ``a + b per vocabulary entry`` (it is affine
+    in the vocabulary size V: the embedding and decoder rows)."""
+    dc = cfg.data
+    if dc.tokenizer == "sentencepiece":
+        size = dc.vocab_size
+    elif dc.source == "ptb" and dc.tokenizer is None:
+        size = PTB_VOCAB_SIZE[dc.level]
+    else:
+        one, two = (LanguageModel(cfg.model, v).num_parameters() for v in (1, 2))
+        return (f"{2 * one - two:,} + {two - one:,} per vocabulary entry (the vocabulary is "
+                f"built from the training split when the run starts)")
+    return f"{LanguageModel(cfg.model, size).num_parameters():,}"
 
 
 def seed_everything(seed: int) -> None:
@@ -94,7 +162,8 @@ def flat(d: dict, prefix: str = "") -> dict:
 
 def check_resumable(cfg: Config, saved: dict, path: Path) -> None:
     """A checkpoint resumes only into the same model and data; name every field that differs."""
-    now, then = flat(cfg.to_dict()), flat(saved)
+    # A field newer than the checkpoint had its default when the checkpoint was written.
+    now, then = flat(cfg.to_dict()), {**flat(Config().to_dict()), **flat(saved)}
     diffs = [f"{k} (checkpoint {then.get(k)!r}, now {now.get(k)!r})" for k in sorted(now)
              if any(k == m or k.startswith(m + ".") for m in MUST_MATCH) and now.get(k) != then.get(k)]
     if diffs:
@@ -102,34 +171,77 @@ def check_resumable(cfg: Config, saved: dict, path: Path) -> None:
                               f"{'; '.join(diffs)}; resume with the run's own config.yaml")
 
 
+@contextlib.contextmanager
+def quiet_unless(speak: bool):
+    """Under DDP rank 0 alone prints; the other ranks' stdout and stderr go nowhere (their
+    errors are still printed, after this block restores stderr)."""
+    if speak:
+        yield
+        return
+    with open(os.devnull, "w") as null, contextlib.redirect_stdout(null), \
+            contextlib.redirect_stderr(null):
+        yield
+
+
 def main(argv=None) -> int:
     args = parse_args(argv)
+    stop = StopSignal()
     try:
-        with StopSignal().installed() as stop:
-            return train(args, stop)
+        ctx = distributed.from_env()  # rank 0 of 1 unless started by torchrun
+        # `held`: what the run holds until it ends, however it ends (the run directory's lock).
+        with stop.installed(), contextlib.ExitStack() as held, quiet_unless(ctx.main):
+            return train(args, stop, ctx, held)
     except UserError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    except StopNow as exc:  # a second Ctrl-C: no traceback, and say what survives
+        if distributed.from_env().main:  # under torchrun every rank stops; rank 0 says so
+            print(f"{signal.Signals(exc.signum).name} received again: stopped at once; "
+                  f"{stop.explain()}", file=sys.stderr)
+        return 128 + exc.signum
+    finally:
+        distributed.shutdown()
 
 
-def train(args, stop: StopSignal) -> int:
+def stopped_at_once(run_dir: Path, resume_cmd: str, start_cmd: str) -> str:
+    """What a second Ctrl-C leaves: the newest checkpoint (written whole, see StopSignal)."""
+    found = checkpoint.numbered(run_dir)
+    if not found:
+        return f"no checkpoint had been written yet; start again with: {start_cmd}"
+    step = int(checkpoint.CKPT_RE.match(found[-1].name).group(1))
+    return (f"the step in progress is not saved; the newest checkpoint {found[-1]} (step {step}) "
+            f"is intact. Resume with: {resume_cmd}")
+
+
+def train(args, stop: StopSignal, ctx: distributed.Context = distributed.Context(),
+          held: contextlib.ExitStack | None = None) -> int:
+    signals = stop  # this process's own handler (under DDP `stop` becomes the ranks' agreement)
     # ---- configuration ------------------------------------------------------------------
     cfg = load_config(args.recipe, args.overrides)
     tc, dc = cfg.train, cfg.data
     if args.dry_run:
-        model = LanguageModel(cfg.model, PTB_VOCAB_SIZE[dc.level])
         print(cfg.to_yaml(), end="")
-        print(f"# parameters: {model.num_parameters():,}")
+        print(f"# parameters: {dry_run_parameters(cfg)}")
         return 0
+    if tc.threads:  # CPU threads for this process's ops (null: torch's default)
+        torch.set_num_threads(tc.threads)
     device = resolve_device(tc.device)
+    if ctx.enabled:  # torchrun: join the other ranks (nccl on cuda:LOCAL_RANK, else gloo)
+        distributed.check_batch(ctx, dc.batch_size)
+        device = distributed.init(ctx, device)
+        stop = distributed.AgreedStop(stop)  # every rank stops after the same step
+    cols = ctx.share(dc.batch_size)  # this rank's columns of every batch (all of them alone)
     run_dir = Path(tc.out_dir) / tc.run_name
-    resume_cmd = " ".join(["python train.py", args.recipe, *args.overrides, "--resume"])
+    resume_cmd = " ".join([distributed.launcher(ctx), "train.py", args.recipe, *args.overrides,
+                           "--resume"])
+    signals.explain = lambda: stopped_at_once(run_dir, resume_cmd, resume_cmd[:-len(" --resume")])
+    if ctx.main and held is not None:  # one process at a time per run directory, until the end
+        held.enter_context(runlock.hold(run_dir))
 
-    saved, vocab = None, None
+    saved = None
     if args.resume:
         saved, path = checkpoint.load_latest(run_dir, warn=lambda m: print(m, file=sys.stderr))
         check_resumable(cfg, saved["config"], path)
-        vocab = Vocab.from_dict(saved["vocab"], source=str(path))
         print(f"resuming from {path} (step {saved['progress']['step']})")
     elif checkpoint.numbered(run_dir) or any((run_dir / n).exists() for n in ("last.pt", "best.pt")):
         raise UserError(f"{run_dir} already holds checkpoints; pass --resume to continue that run "
@@ -137,20 +249,35 @@ def train(args, stop: StopSignal) -> int:
 
     # ---- data ---------------------------------------------------------------------------
     seed_everything(tc.seed)
-    root = prepare_ptb(dc.root, dc.url, download=dc.download)
-    corpus = load_corpus(dc.level, root, vocab=vocab)
-    stream = TrainStream(corpus.train, dc.batch_size, dc.bptt, variable_bptt=dc.variable_bptt,
+    with distributed.local_zero_first(ctx):  # one process per node fills the corpus caches
+        corpus = open_corpus(dc, saved=saved, source=str(path) if saved else "")
+    train_data = corpus.train
+    if dc.train_tokens:  # a prefix of the training split (reduced-scale studies)
+        if dc.train_tokens > train_data.numel():
+            raise UserError(f"data.train_tokens={dc.train_tokens:,} exceeds the training split's "
+                            f"{train_data.numel():,} tokens; lower it or set 0 for all of them")
+        train_data = train_data[:dc.train_tokens]
+    stream = TrainStream(train_data, dc.batch_size, dc.bptt, variable_bptt=dc.variable_bptt,
                          shuffle=dc.shuffle, seed=tc.seed)
     eval_bptt = dc.eval_bptt or dc.bptt
+    warmup = eval_warmup(dc)  # batched scores that match batch size 1 (lm.data.EvalStream)
 
     # ---- model, optimizer, schedule -----------------------------------------------------
     model = LanguageModel(cfg.model, len(corpus.vocab)).to(device)
+    # Training steps run through `step_model`: under DDP the wrapper averages the gradients over
+    # the ranks in backward. `model` stays the plain module (state dicts, evaluation, averaging).
+    step_model = model
+    if ctx.enabled:
+        step_model = torch.nn.parallel.DistributedDataParallel(
+            model, device_ids=[device] if device.type == "cuda" else None)
+        seed_everything(distributed.noise_seed(tc.seed, ctx.rank))  # each rank its own noise
     optimizer = build_optimizer(cfg.optim, model.parameters())
     schedule = Schedule(cfg.optim, optimizer, model)
     stopper = EarlyStopping(tc.patience)
     base_lr = cfg.optim.lr
     progress = {"epoch": 0, "batch": 0, "step": 0, "skipped": 0, "window_loss": 0.0,
-                "window_steps": 0, "last_eval": -1, "last_ckpt": -1, "metrics_lines": 0}
+                "window_steps": 0, "last_eval": -1, "last_ckpt": -1, "metrics_lines": 0,
+                "wall_seconds": 0.0, "step_seconds": 0.0, "tokens_seen": 0, "eval_walls": []}
     state = None
     if saved is not None:
         checkpoint.load_model_state(model, saved["model"], path)
@@ -159,53 +286,100 @@ def train(args, stop: StopSignal) -> int:
         stopper.load_state_dict(saved["early_stopping"])
         progress.update(saved["progress"])
         base_lr = saved["base_lr"]
-        state = None if saved["hidden"] is None else [(h.to(device), c.to(device)) for h, c in saved["hidden"]]
-        checkpoint.set_rng_state(saved["rng"])
+        state = None if saved["hidden"] is None else [(h[cols].to(device), c[cols].to(device))
+                                                      for h, c in saved["hidden"]]
+        rngs = saved.get("rng_ranks") or [saved["rng"]]  # one per rank that wrote it
+        if len(rngs) == ctx.world:
+            checkpoint.set_rng_state(rngs[ctx.rank])
+        else:  # another number of processes: weights and data order continue, noise does not
+            print(f"note: {path} was written by {len(rngs)} process(es) and is resumed by "
+                  f"{ctx.world}; the noise and dropout streams restart, so the losses will not "
+                  f"repeat those of an uninterrupted run", file=sys.stderr)
+            seed_everything(distributed.noise_seed(tc.seed, ctx.rank, progress["step"]))
     try:
-        if saved is None:
+        if saved is None and ctx.main:  # rank 0 alone writes files
             run_dir.mkdir(parents=True, exist_ok=True)
             fileio.atomic_write_bytes(run_dir / "config.yaml", cfg.to_yaml().encode())
-            corpus.vocab.save(run_dir / "vocab.json")
-        log = MetricsLog(run_dir, tensorboard=tc.tensorboard,
-                         keep_lines=progress["metrics_lines"] if saved else None,
-                         purge_step=progress["step"] + 1 if saved else None)
+            corpus.tokenizer.save(run_dir)  # vocab.json (+ tokenizer.model for sentencepiece)
+        log = NullLog() if not ctx.main else MetricsLog(
+            run_dir, tensorboard=tc.tensorboard,
+            keep_lines=progress["metrics_lines"] if saved else None,
+            purge_step=progress["step"] + 1 if saved else None)
     except OSError as exc:
         raise UserError(f"cannot write the run directory {run_dir}: {exc.strerror or exc}; set "
                         f"train.out_dir to a writable folder") from None
-    print(f"run {run_dir}: {dc.level}-level PTB, {model.num_parameters():,} parameters, "
-          f"{stream.num_batches(progress['epoch'])} batches/epoch, device {device}")
+    print(f"run {run_dir}: {corpus.description}, {model.num_parameters():,} parameters, "
+          f"{stream.num_batches(progress['epoch'])} batches/epoch, device {device}"
+          + (f", {ctx.world} processes of {dc.batch_size // ctx.world} columns" if ctx.enabled else ""))
+
+    clock = [time.perf_counter()]
+
+    def record_time() -> None:
+        """Wall-clock time goes to run.json, never metrics.jsonl (which must be exact)."""
+        now = time.perf_counter()
+        progress["wall_seconds"] += now - clock[0]
+        clock[0] = now
+        if ctx.main:
+            write_run_summary(run_dir, progress, model.num_parameters())
 
     def snapshot() -> dict:
         """Everything needed to continue exactly where the loop stands now."""
+        record_time()
         log.sync()
         progress["metrics_lines"] = log.lines
         progress["last_ckpt"] = progress["step"]
         return {"format": checkpoint.FORMAT, "config": cfg.to_dict(), "vocab": corpus.vocab.to_dict(),
-                "model": model.state_dict(), "optimizer": optimizer.state_dict(),
+                "tokenizer": corpus.tokenizer.state(), "model": model.state_dict(),
+                "optimizer": optimizer.state_dict(),
                 "schedule": schedule.state_dict(), "early_stopping": stopper.state_dict(),
                 "progress": dict(progress), "base_lr": base_lr, "rng": checkpoint.rng_state(),
                 "hidden": None if state is None else [(h.cpu(), c.cpu()) for h, c in state]}
 
-    def save_checkpoint() -> Path:
-        return checkpoint.save_training(snapshot(), run_dir, progress["step"], tc.keep_checkpoints)
+    saved_at = [time.perf_counter()]  # when this process last wrote a checkpoint (or started)
+
+    def save_checkpoint() -> None:
+        with signals.deferred():  # a second Ctrl-C waits for the write: the newest one is whole
+            snap = snapshot()
+            if ctx.enabled:  # every rank's RNG state, and the carried state of all the columns
+                snap["rng_ranks"] = distributed.gather_objects(snap["rng"])
+                joined = distributed.gather_columns(state)
+                snap["hidden"] = None if joined is None else [(h.cpu(), c.cpu()) for h, c in joined]
+            if ctx.main:
+                checkpoint.save_training(snap, run_dir, progress["step"], tc.keep_checkpoints)
+        saved_at[0] = time.perf_counter()
+
+    def minutes_due(step: int) -> bool:
+        """train.checkpoint_minutes have passed since the last checkpoint. The ranks' clocks
+        differ, so under DDP they agree (one small all-reduce) at log steps only."""
+        if not tc.checkpoint_minutes:
+            return False
+        due = time.perf_counter() - saved_at[0] >= 60 * tc.checkpoint_minutes
+        if ctx.enabled:
+            return step % tc.log_every == 0 and distributed.sum_over_ranks(float(due))[0] > 0
+        return due
 
     def validate() -> bool:
         """Score the validation split; update best.pt, the schedule and early stopping."""
         nonlocal base_lr
         result = evaluate(schedule.eval_model(), corpus.valid, batch_size=dc.eval_batch_size,
-                          bptt=eval_bptt, bos_id=corpus.vocab.eos_id, device=device)
+                          bptt=eval_bptt, bos_id=corpus.vocab.eos_id, device=device, ctx=ctx,
+                          warmup=warmup)
         loss = result["loss"]
         progress["last_eval"] = progress["step"]
-        log.log(progress["step"], "valid", loss=loss, **figures(loss, dc.level))
+        progress["eval_walls"].append(
+            [progress["step"], round(progress["wall_seconds"] + time.perf_counter() - clock[0], 3)])
+        epochs_done = progress["epoch"] + progress["batch"] / stream.num_batches(progress["epoch"])
+        log.log(progress["step"], "valid", loss=loss, **figures(loss, corpus.level),
+                **raw_bpc(loss, result["tokens"], corpus.chars.get("valid")), epoch=round(epochs_done, 4))
         improved = stopper.update(loss)
-        if improved:
+        if improved and ctx.main:
             checkpoint.save({"format": checkpoint.FORMAT, "config": cfg.to_dict(),
-                             "vocab": corpus.vocab.to_dict(),
+                             "vocab": corpus.vocab.to_dict(), "tokenizer": corpus.tokenizer.state(),
                              "model": schedule.eval_model().state_dict(),
                              "progress": dict(progress), "valid_loss": loss}, run_dir / "best.pt")
         message = schedule.after_eval(loss)
         base_lr = schedule.lr
-        tqdm.write(f"step {progress['step']}: valid loss {loss:.4f}, {headline(loss, dc.level)}"
+        tqdm.write(f"step {progress['step']}: valid loss {loss:.4f}, {headline(loss, corpus.level)}"
                    f"{' (best)' if improved else ''}" + (f"; {message}" if message else ""))
         return stopper.should_stop
 
@@ -217,16 +391,18 @@ def train(args, stop: StopSignal) -> int:
     done = False  # early stopping or max_steps
     clip = cfg.optim.clip if cfg.optim.clip > 0 else float("inf")
     params = [p for p in model.parameters() if p.requires_grad]
+    shown = {"loss": 0.0, "steps": 0}  # the progress bar's running loss (display only)
     while progress["epoch"] < tc.epochs and not done and stop.signum is None:
         epoch = progress["epoch"]
         bar = tqdm(total=stream.num_batches(epoch), initial=progress["batch"], desc=f"epoch {epoch + 1}",
                    disable=not tc.progress, leave=False, dynamic_ncols=True)
         tic, tokens = time.perf_counter(), 0
         for batch in stream.batches(epoch, start=progress["batch"]):
+            step_tic = time.perf_counter()
             model.train()
-            inp, target = batch.input.to(device), batch.target.to(device)
+            inp, target = batch.input[:, cols].to(device), batch.target[:, cols].to(device)
             state = detach_state(state) if dc.carry_state else None
-            logits, state, (raw, dropped) = model(inp, state)
+            logits, state, (raw, dropped) = step_model(inp, state)
             loss = cross_entropy_sum(logits, target) / target.numel()
             total = loss
             if tc.ar:  # AR: large activations are penalized, after output dropout (AWD-LSTM)
@@ -237,6 +413,8 @@ def train(args, stop: StopSignal) -> int:
             total.backward()
             norm = torch.nn.utils.clip_grad_norm_(params, clip)
             loss_value, grad_norm = torch.stack([loss.detach(), norm]).tolist()  # one device sync
+            if ctx.enabled:  # the global batch's mean loss; a signal on any rank stops them all
+                loss_value = stop.agree(loss_value)
             progress["batch"] += 1
             progress["step"] += 1
             step = progress["step"]
@@ -260,23 +438,34 @@ def train(args, stop: StopSignal) -> int:
                 schedule.after_step()
                 progress["window_loss"] += loss_value
                 progress["window_steps"] += 1
-            tokens += target.numel()
-            bar.update(1)
+                # Running mean of the losses so far, an average over about log_every steps
+                # once there are that many: shown from the first step, with no extra sync.
+                shown["steps"] += 1
+                shown["loss"] += (loss_value - shown["loss"]) / min(shown["steps"], tc.log_every)
+            tokens += target.numel() * ctx.world
+            progress["tokens_seen"] += target.numel() * ctx.world
+            progress["step_seconds"] += time.perf_counter() - step_tic
+            if tc.progress and shown["steps"]:
+                rate = tokens / max(time.perf_counter() - tic, 1e-9)
+                bar.set_postfix_str(f"loss {shown['loss']:.3f} {headline(shown['loss'], corpus.level)} "
+                                    f"lr {base_lr:.3g} {rate:,.0f} tok/s", refresh=False)
+            bar.update(1)  # redraws at most every 0.1 s (tqdm's mininterval), new figures included
+            if tc.progress and shown["steps"] == 1:
+                bar.refresh()  # the first step's figures at once
 
             if step % tc.log_every == 0 and progress["window_steps"]:
                 mean = progress["window_loss"] / progress["window_steps"]
                 progress["window_loss"], progress["window_steps"] = 0.0, 0
-                log.log(step, "train", loss=mean, **figures(mean, dc.level), lr=base_lr,
+                log.log(step, "train", loss=mean, **figures(mean, corpus.level), lr=base_lr,
                         grad_norm=grad_norm, skipped=progress["skipped"])
                 rate = tokens / max(time.perf_counter() - tic, 1e-9)
                 log.scalars(step, "train", tokens_per_s=rate)
-                bar.set_postfix_str(f"loss {mean:.3f} {headline(mean, dc.level)} lr {base_lr:.3g} "
-                                    f"{rate:,.0f} tok/s")
             if tc.eval_every and step % tc.eval_every == 0:
                 done = validate() or done
             if tc.max_steps and step >= tc.max_steps:
                 done = True
-            if (tc.checkpoint_every and step % tc.checkpoint_every == 0) or stop.signum is not None:
+            if (tc.checkpoint_every and step % tc.checkpoint_every == 0) or stop.signum is not None \
+                    or minutes_due(step):
                 save_checkpoint()
             if done or stop.signum is not None:
                 break
@@ -304,19 +493,23 @@ def train(args, stop: StopSignal) -> int:
         validate()
     if progress["last_ckpt"] != progress["step"]:
         save_checkpoint()
+    if ctx.enabled:
+        distributed.barrier()  # rank 0 has written best.pt before anyone reads it
     best = checkpoint.load(run_dir / "best.pt", map_location=device)
     checkpoint.load_model_state(model, best["model"], run_dir / "best.pt")
     results = {}
     for split in ("valid", "test"):
         r = evaluate(model, corpus.split(split), batch_size=dc.eval_batch_size, bptt=eval_bptt,
-                     bos_id=corpus.vocab.eos_id, device=device)
+                     bos_id=corpus.vocab.eos_id, device=device, ctx=ctx, warmup=warmup)
         results[split] = r
         log.log(progress["step"], split, loss=r["loss"], tokens=r["tokens"], best=True,
-                **figures(r["loss"], dc.level))
+                **figures(r["loss"], corpus.level),
+                **raw_bpc(r["loss"], r["tokens"], corpus.chars.get(split)))
+    record_time()
     log.close()
     print(f"done after {progress['step']} steps. best checkpoint {run_dir / 'best.pt'}: "
-          f"valid {headline(results['valid']['loss'], dc.level)}, "
-          f"test {headline(results['test']['loss'], dc.level)} "
+          f"valid {headline(results['valid']['loss'], corpus.level)}, "
+          f"test {headline(results['test']['loss'], corpus.level)} "
           f"({results['test']['tokens']:,} test tokens)")
     return 0
 

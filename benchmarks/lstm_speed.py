@@ -3,9 +3,12 @@
     python benchmarks/lstm_speed.py [--shape char|word|both] [--repeats N] [--quick]
                                     [--no-independent] [--threads N]
 
-Prints one markdown table per shape: forward+backward time of each variant (eval: forward
-only, against ``torch.nn.LSTM``'s eval forward), its ratio to ``torch.nn.LSTM``, the target
-ratio and pass/fail. After a warm-up, each repeat times the variant and ``torch.nn.LSTM``
+Prints where it ran (CPU model, its vector ISA read from ``/proc/cpuinfo``: AVX2, AVX-512,
+AMX; threads; ``MKL_ENABLE_INSTRUCTIONS`` / ``ONEDNN_MAX_CPU_ISA`` / ``LM_LSTM_KERNELS`` if
+set), then one markdown table per shape: forward+backward time of each variant (eval:
+forward only, against ``torch.nn.LSTM``'s eval forward), its ratio to ``torch.nn.LSTM``,
+the target ratio, pass/fail and the kernels the custom recurrence chose (``lm.nn.kernels``;
+"oneDNN" where the variant runs torch's fused kernel). After a warm-up, each repeat times the variant and ``torch.nn.LSTM``
 back to back (alternating which goes first); the table shows the median time and the median
 of the per-repeat ratios, so load from other processes on a shared machine mostly cancels.
 
@@ -20,6 +23,8 @@ latter is timed once, it is slow.
 from __future__ import annotations
 
 import argparse
+import os
+import platform
 import statistics
 import subprocess
 import sys
@@ -30,6 +35,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from lm.nn import LSTM  # noqa: E402
+from lm.nn import fused_cell, recurrence  # noqa: E402
 
 SHAPES = {
     # name: (batch, steps, input, hidden, layers, index_input)
@@ -45,10 +51,45 @@ VARIANTS = {
     "Gauss shared": (dict(weight_noise=1.0), 1.1),
     "WD+flipout": (dict(weight_drop=0.5, flipout=True), 2.0),
     "Gauss+flipout": (dict(weight_noise=1.0, flipout=True), 2.0),
-    "Gal": (dict(hidden_dropout=0.25), 1.4),
-    "zoneout": (dict(zoneout_cell=0.5, zoneout_hidden=0.05), 1.4),
-    "Semeniuta": (dict(cell_dropout=0.25), 1.4),
+    "Gal": (dict(hidden_dropout=0.25), 1.3),
+    "zoneout": (dict(zoneout_cell=0.5, zoneout_hidden=0.05), 1.3),
+    "Semeniuta": (dict(cell_dropout=0.25), 1.3),
 }
+
+ENV_VARS = ("MKL_ENABLE_INSTRUCTIONS", "ONEDNN_MAX_CPU_ISA", "LM_LSTM_KERNELS", "OMP_NUM_THREADS")
+
+
+def machine() -> str:
+    """One line: CPU model, vector ISA, threads, torch, and the ISA-limiting env vars."""
+    model, flags = platform.processor() or platform.machine(), set()
+    try:
+        with open("/proc/cpuinfo") as fh:
+            for line in fh:
+                if line.startswith("model name") and model in ("", platform.machine()):
+                    model = line.split(":", 1)[1].strip()
+                elif line.startswith("flags") and not flags:
+                    flags = set(line.split(":", 1)[1].split())
+    except OSError:
+        pass
+    isa = [name for name, flag in (("AVX2", "avx2"), ("AVX-512", "avx512f"),
+                                   ("AVX512-BF16", "avx512_bf16"), ("AMX", "amx_tile"))
+           if flag in flags] or ["no AVX2"]
+    env = [f"{k}={os.environ[k]}" for k in ENV_VARS if k in os.environ]
+    cell = ("compiled cell available" if fused_cell.library() is not None
+            else f"compiled cell unavailable ({fused_cell.build_error})")
+    return (f"CPU: {model} ({os.cpu_count()} logical CPUs); ISA: {' + '.join(isa)}; "
+            f"torch {torch.__version__}, {torch.get_num_threads()} threads; {cell}"
+            + (f"; env: {' '.join(env)}" if env else ""))
+
+
+def _kernels_used(fn):
+    """Run ``fn`` once; the custom recurrence's kernels it used, or "oneDNN" if none."""
+    recurrence.last_kernels.clear()
+    fn()
+    k = dict(recurrence.last_kernels)
+    if not k:
+        return "oneDNN (torch fused)"
+    return " ".join(f"{n}={k[n]}" for n in ("fwd", "bwd", "cell") if n in k)
 
 
 def _inputs(shape, index):
@@ -186,7 +227,7 @@ def bench(shape_name, repeats, independent=True, bt_steps=25):
     ref_times = []
     for name, ref_fn, fn, target in pairs:
         ref_fn()
-        fn()                                                        # warm-up
+        used = _kernels_used(fn)                                    # warm-up (and tuning)
         ts, ratios = [], []
         # Eval forward is short and compared against a 1.0x target: take more pairs.
         for r in range(repeats if target != 1.0 else max(9, 3 * repeats)):
@@ -203,9 +244,10 @@ def bench(shape_name, repeats, independent=True, bt_steps=25):
             if ref_fn is fns_ref:
                 ref_times.append(t_ref)
         q1, _, q3 = statistics.quantiles(ratios, n=4) if len(ratios) > 1 else (ratios * 3)
-        rows.append((name, statistics.median(ts), statistics.median(ratios), target, (q1, q3)))
+        rows.append((name, statistics.median(ts), statistics.median(ratios), target, (q1, q3),
+                     used))
     t_ref = statistics.median(ref_times)
-    rows.insert(0, ("torch.nn.LSTM (fwd+bwd)", t_ref, 1.0, None, None))
+    rows.insert(0, ("torch.nn.LSTM (fwd+bwd)", t_ref, 1.0, None, None, "oneDNN"))
     notes = []
     if shape_name == "char" and bt_steps:
         t, why = _bayesian_torch_time(bt_steps, max(1, repeats // 2))
@@ -214,7 +256,7 @@ def bench(shape_name, repeats, independent=True, bt_steps=25):
         else:
             t *= T / bt_steps
             rows.append((f"bayesian-torch LSTMFlipout ({bt_steps} steps, x{T / bt_steps:g})", t,
-                         t / t_ref, None, None))
+                         t / t_ref, None, None, "-"))
             notes.append(f"bayesian-torch LSTMFlipout resamples its weights at every step and "
                          f"keeps them all for backward (~24 GB at 100 steps), so it is timed over "
                          f"{bt_steps} steps in a memory-capped child process and scaled to {T}.")
@@ -223,7 +265,8 @@ def bench(shape_name, repeats, independent=True, bt_steps=25):
         if shape_name == "quick":
             ind()
         t = _time(ind)
-        rows.append(("independent per-example W (bmm, layer 1 only)", t, t / t_ref, None, None))
+        rows.append(("independent per-example W (bmm, layer 1 only)", t, t / t_ref, None, None,
+                     "-"))
         if L > 1:
             notes.append("independent per-example W runs the first layer only (a lower bound).")
         notes.append("independent per-example W is timed once, without warm-up.")
@@ -235,9 +278,9 @@ def render(shape_name, rows, notes, repeats):
     lines = [f"### {shape_name}: batch {B}, {T} steps, {'one-hot ' if index else ''}{I} -> {H}, "
              f"{L} layer{'s' if L > 1 else ''} (median of {repeats}, "
              f"{torch.get_num_threads()} threads, float32)", "",
-             "| variant | ms | ratio vs nn.LSTM | ratio IQR | target | pass/fail |",
-             "|---|---:|---:|---:|---:|---|"]
-    for name, t, ratio, target, iqr in rows:
+             "| variant | ms | ratio vs nn.LSTM | ratio IQR | target | pass/fail | kernels |",
+             "|---|---:|---:|---:|---:|---|---|"]
+    for name, t, ratio, target, iqr, used in rows:
         tgt = "-" if target is None else f"<= {target:.1f}x"
         if target is None:
             verdict = "-"
@@ -249,7 +292,8 @@ def render(shape_name, rows, notes, repeats):
             verdict = ("pass" if ratio <= target else
                        "FAIL (within noise)" if iqr[0] <= target else "FAIL")
         spread = "-" if iqr is None else f"{iqr[0]:.2f}-{iqr[1]:.2f}"
-        lines.append(f"| {name} | {t * 1e3:.1f} | {ratio:.2f}x | {spread} | {tgt} | {verdict} |")
+        lines.append(f"| {name} | {t * 1e3:.1f} | {ratio:.2f}x | {spread} | {tgt} | {verdict} "
+                     f"| {used} |")
     lines += [""] + [f"- {n}" for n in notes]
     return "\n".join(lines)
 
@@ -273,6 +317,8 @@ def main(argv=None):
         return
     shapes = ["quick"] if args.quick else (["char", "word"] if args.shape == "both" else [args.shape])
     repeats = 2 if args.quick else max(1, args.repeats)
+    print(machine())
+    print()
     for s in shapes:
         rows, notes = bench(s, repeats, independent=not args.no_independent,
                             bt_steps=args.bayesian_steps)

@@ -16,6 +16,7 @@ checkpoint carrying a pickled callable is refused instead of executed.
 from __future__ import annotations
 
 import io
+import json
 import os
 import pickle
 import random
@@ -25,6 +26,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+import yaml
 
 from lm import fileio
 from lm.errors import CheckpointError
@@ -53,8 +55,10 @@ def load(path: Path, map_location="cpu") -> dict:
     """Read a checkpoint with weights_only=True and check that it is one of ours."""
     path = Path(path)
     if not path.is_file():
-        raise CheckpointError(f"checkpoint {str(path)!r} not found; pass the path of a .pt file "
-                              f"in a run directory, e.g. checkpoints/<run>/best.pt")
+        raise CheckpointError(_missing(path))
+    what = _not_a_checkpoint(path)
+    if what:
+        raise CheckpointError(what)
     try:
         obj = torch.load(path, map_location=map_location, weights_only=True)
     except pickle.UnpicklingError as exc:
@@ -72,6 +76,62 @@ def load(path: Path, map_location="cpu") -> dict:
         raise CheckpointError(f"{path} is not a checkpoint of this trainer (format {FORMAT}); "
                               f"pass a best.pt, last.pt or ckpt-*.pt written by train.py")
     return obj
+
+
+def _missing(path: Path) -> str:
+    """Why ``path`` cannot be read, and what to pass instead."""
+    if path.is_dir():
+        inside = [p for p in (path / "best.pt", path / "last.pt") if p.is_file()]
+        example = inside[0] if inside else path / "best.pt"
+        return (f"{str(path)!r} is a folder; pass a checkpoint file in it, e.g. {example}")
+    newest = [p for p in [path.parent / "last.pt"] + numbered(path.parent)[::-1] if p.is_file()]
+    if path.name == "best.pt" and newest:
+        return (f"{path} does not exist yet: best.pt is written at the run's first validation "
+                f"(the end of the first epoch, or train.eval_every steps); pass {newest[0]}, "
+                f"its newest checkpoint, meanwhile")
+    return (f"checkpoint {str(path)!r} not found; pass the path of a .pt file in a run "
+            f"directory, e.g. checkpoints/<run>/best.pt")
+
+
+def _not_a_checkpoint(path: Path) -> str | None:
+    """A message for a file that is plainly no checkpoint (a recipe, a metrics log, any text).
+
+    torch.save writes a zip archive (magic ``PK\\x03\\x04``; older torch a pickle, first byte
+    ``0x80``); anything that instead reads as UTF-8 text is sniffed: JSON objects one per line
+    is a metrics log, a YAML mapping a recipe.
+    """
+    with open(path, "rb") as f:
+        head = f.read(1 << 16)
+    if head[:4] == b"PK\x03\x04" or head[:1] == b"\x80" or b"\x00" in head:
+        return None  # binary: let torch.load judge it (and name a truncation)
+    try:
+        text = head.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        if exc.start < len(head) - 4:  # not merely a character cut by the 64 KiB read
+            return None
+        text = head[:exc.start].decode("utf-8")
+    lines = [line for line in text.splitlines() if line.strip()]
+    if len(head) == (1 << 16) and len(lines) > 1:
+        lines = lines[:-1]  # the last line may be cut
+    run = path.parent
+    ours = [p for p in (run / "best.pt", run / "last.pt") if p.is_file()]
+    instead = f"pass {ours[0]}" if ours else "pass a checkpoint such as checkpoints/<run>/best.pt"
+    try:
+        records = [json.loads(line) for line in lines]
+    except ValueError:
+        records = []
+    if records and all(isinstance(r, dict) for r in records):
+        return (f"{path} is a metrics log (JSON lines written by train.py), not a checkpoint; "
+                f"{instead}")
+    try:
+        recipe = yaml.safe_load(text)
+    except yaml.YAMLError:
+        recipe = None
+    if isinstance(recipe, dict) or path.suffix in (".yaml", ".yml"):
+        return (f"{path} is a YAML recipe, not a checkpoint: train it with `python train.py "
+                f"{path}`, then pass the run's checkpoint, e.g. checkpoints/<run>/best.pt")
+    return (f"{path} is a text file, not a checkpoint; pass a best.pt, last.pt or ckpt-*.pt "
+            f"written by train.py, e.g. checkpoints/<run>/best.pt")
 
 
 def numbered(run_dir: Path) -> list[Path]:

@@ -39,8 +39,36 @@ class DataConfig:
     shuffle: bool = False
     carry_state: bool = True
     variable_bptt: bool = False
-    eval_batch_size: int = 10
+    # Columns scored at once: a character split is ~3,000 sequential steps at 128 (not 40,000
+    # at 10), and with the warm-up below the figure is that of batch size 1.
+    eval_batch_size: int = 128
     eval_bptt: Optional[int] = None  # None: same as bptt
+    # Tokens each evaluation column reads, unscored, before its start, so that a batch scores
+    # what batch size 1 does (lm.data.EvalStream); null: the level's default, 0: none.
+    eval_warmup: Optional[int] = None
+    # Train on the first N tokens of the training split only (0: all of it); validation and
+    # test stay whole. The reduced-scale recipes (recipes/cpu/) use it.
+    train_tokens: int = 0
+    # Any corpus (lm.data.sources): ptb (root/url/download above), text (three plain-text
+    # files, one document or sentence per line) or hf (a `datasets` dataset: a save_to_disk
+    # folder `path`, or hub dataset `name`/`config`, cached by `datasets` for offline use).
+    source: Literal["ptb", "text", "hf"] = "ptb"
+    train: Optional[str] = None  # text: file paths
+    valid: Optional[str] = None
+    test: Optional[str] = None
+    name: Optional[str] = None  # hf: e.g. wikitext
+    config: Optional[str] = None  # hf: e.g. wikitext-2-raw-v1
+    path: Optional[str] = None  # hf: a save_to_disk folder (used instead of name when set)
+    train_split: str = "train"
+    valid_split: str = "validation"
+    test_split: str = "test"
+    text_field: str = "text"
+    # Tokenizer (lm.data.tokenizers); null: data.level decides (PTB's char view on ptb).
+    tokenizer: Optional[Literal["word", "char", "sentencepiece"]] = None
+    min_count: Optional[int] = None  # word: tokens seen fewer times become <unk> (null: 1)
+    vocab_size: Optional[int] = None  # sentencepiece: pieces, <eos> and unknown included
+    sp_model: Optional[Literal["bpe", "unigram"]] = None  # sentencepiece (null: unigram)
+    cache_dir: Optional[str] = None  # encoded corpora; null: $LM_CACHE_DIR, else ~/.cache/lm
 
 
 @dataclass
@@ -90,6 +118,10 @@ class OptimConfig:
     schedule: Literal["constant", "decay", "ntasgd"] = "constant"
     nonmono: int = 5
     lr_decay: float = 4.0
+    # decay: once_per_window (after a firing the criterion starts a fresh history, so it needs
+    # nonmono new evaluations before it can fire again) | every_eval (the criterion over all
+    # evaluations, checked at each one: it can fire at consecutive evaluations). See lm/optim.py.
+    decay_rule: Literal["once_per_window", "every_eval"] = "once_per_window"
 
 
 @dataclass
@@ -102,6 +134,7 @@ class TrainConfig:
     out_dir: str = "checkpoints"
     eval_every: int = 0  # steps; 0: once per epoch
     checkpoint_every: int = 0  # steps; 0: once per epoch
+    checkpoint_minutes: float = 30.0  # also a checkpoint after this much time without one; 0: off
     keep_checkpoints: int = 3
     log_every: int = 50
     patience: int = 0  # evaluations without improvement before stopping; 0: never
@@ -110,6 +143,16 @@ class TrainConfig:
     on_nonfinite: Literal["error", "skip"] = "error"
     tensorboard: bool = True
     progress: bool = True
+    threads: Optional[int] = None  # CPU threads (torch.set_num_threads); null: torch's default
+
+
+@dataclass
+class PaperConfig:
+    """The published figures a recipe reproduces, shown by ``lm.report`` beside ours."""
+
+    row: Optional[str] = None  # e.g. "Table 2: Mult. Gauss + Flipout"
+    valid: Optional[float] = None
+    test: Optional[float] = None
 
 
 @dataclass
@@ -118,6 +161,7 @@ class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    paper: PaperConfig = field(default_factory=PaperConfig)
 
     def to_dict(self) -> dict:
         return _plain(dataclasses.asdict(self))
@@ -200,7 +244,45 @@ def coerce(value, tp, path: str):
     raise TypeError(f"unsupported config type {tp!r} at {path}")  # a bug in this module
 
 
-def build_section(cls, raw, path: str):
+def _key_paths(cls, prefix: tuple = ()) -> list[tuple]:
+    """Every key path of a schema, sections included: ('train',), ('train', 'epochs'), ..."""
+    out = []
+    for name, tp in typing.get_type_hints(cls).items():
+        out.append(prefix + (name,))
+        if dataclasses.is_dataclass(tp):
+            out += _key_paths(tp, prefix + (name,))
+    return out
+
+
+def _section(root, prefix: tuple):
+    for key in prefix:
+        root = typing.get_type_hints(root)[key]
+    return root
+
+
+def did_you_mean(root, prefix: tuple, key: str) -> str:
+    """The suggestion for an unknown ``key`` in section ``prefix`` of schema ``root``, e.g.
+    `` (did you mean 'train.epochs'?)``, or ``''``.
+
+    In order: the same name in another section (a bare ``epochs``, a misplaced ``data.seed``:
+    every such path is named), a close name in the same section (``model.hiden_size``), a
+    close name anywhere (a bare ``epoch``).
+    """
+    paths = _key_paths(root)
+    same = sorted(".".join(p) for p in paths if p[-1] == key and p[:-1] != prefix)
+    if not same:
+        names = [f.name for f in dataclasses.fields(_section(root, prefix))]
+        close = difflib.get_close_matches(key, names, n=1)
+        same = [".".join(prefix + (close[0],))] if close else []
+    if not same:
+        close = difflib.get_close_matches(key, sorted({p[-1] for p in paths}), n=1)
+        same = sorted(".".join(p) for p in paths if close and p[-1] == close[0])
+    if not same:
+        return ""
+    return " (did you mean " + " or ".join(f"'{p}'" for p in same) + "?)"
+
+
+def build_section(cls, raw, path: str, _root=None):
     """Build dataclass ``cls`` from a mapping, rejecting unknown keys and wrong types."""
     if raw is None:
         raw = {}
@@ -211,8 +293,8 @@ def build_section(cls, raw, path: str):
     for key in raw:
         if key not in names:
             where = f"{path}.{key}" if path else str(key)
-            hint = difflib.get_close_matches(str(key), names, n=1)
-            extra = f" (did you mean '{(path + '.') if path else ''}{hint[0]}'?)" if hint else ""
+            prefix = tuple(path.split(".")) if _root is not None and path else ()
+            extra = did_you_mean(_root or cls, prefix, str(key))
             raise ConfigError(f"unknown config key '{where}'{extra}")
     kwargs = {}
     for name in names:
@@ -221,7 +303,7 @@ def build_section(cls, raw, path: str):
         tp = hints[name]
         sub = f"{path}.{name}" if path else name
         if dataclasses.is_dataclass(tp):
-            kwargs[name] = build_section(tp, raw[name], sub)
+            kwargs[name] = build_section(tp, raw[name], sub, _root or cls)
         else:
             kwargs[name] = coerce(raw[name], tp, sub)
     return cls(**kwargs)
@@ -239,13 +321,59 @@ def _prob(value: float, path: str):
     _check(0.0 <= value < 1.0, path, f"{value} is not a probability in [0, 1)")
 
 
+def validate_source(d: DataConfig) -> None:
+    """The corpus and tokenizer fields fit together: each source has its own keys, each
+    tokenizer its own settings."""
+    own = {"text": ("train", "valid", "test"), "hf": ("name", "config", "path")}
+    for source, keys in own.items():
+        for key in keys:
+            _check(d.source == source or getattr(d, key) is None, f"data.{key}",
+                   f"belongs to data.source={source}, but the source is {d.source}; remove it or "
+                   f"set data.source={source}")
+    if d.source == "text":
+        missing = [f"data.{k}" for k in own["text"] if not getattr(d, k)]
+        _check(not missing, missing[0] if missing else "", "data.source=text needs data.train, "
+               "data.valid and data.test (paths to plain-text files, one line per sentence)")
+    if d.source == "hf":
+        _check(bool(d.name or d.path), "data.name", "data.source=hf needs a dataset: data.name "
+               "(e.g. wikitext with data.config=wikitext-2-raw-v1) or data.path (a save_to_disk folder)")
+        for key in ("train_split", "valid_split", "test_split", "text_field"):
+            _check(bool(getattr(d, key)), f"data.{key}", "must not be empty")
+    sp = d.tokenizer == "sentencepiece"
+    _check(not sp or d.vocab_size is not None, "data.vocab_size",
+           "data.tokenizer=sentencepiece needs data.vocab_size (e.g. 8000)")
+    _check(sp or d.vocab_size is None, "data.vocab_size",
+           f"only applies to data.tokenizer=sentencepiece (tokenizer is {d.tokenizer or d.level}); "
+           f"remove it or set data.tokenizer=sentencepiece")
+    _check(sp or d.sp_model is None, "data.sp_model",
+           "only applies to data.tokenizer=sentencepiece; remove it or set data.tokenizer=sentencepiece")
+    if d.vocab_size is not None:
+        _check(d.vocab_size >= 3, "data.vocab_size", f"must be at least 3, got {d.vocab_size}")
+    word = d.tokenizer == "word" or (d.tokenizer is None and d.level == "word")
+    _check(word or d.min_count is None, "data.min_count",
+           "only applies to the word tokenizer; remove it or set data.tokenizer=word")
+    if d.min_count is not None:
+        _check(d.min_count >= 1, "data.min_count", f"must be >= 1, got {d.min_count}")
+        _check(d.min_count == 1 or d.source != "ptb" or d.tokenizer is not None, "data.min_count",
+               "PTB at its level keeps Mikolov's vocabulary; set data.tokenizer=word to rebuild it")
+
+
 def validate(cfg: Config) -> Config:
     """Range and consistency checks that types alone cannot express."""
     d, m, o, t, r = cfg.data, cfg.model, cfg.optim, cfg.train, cfg.model.lstm
+    validate_source(d)
+    _check(d.train_tokens >= 0, "data.train_tokens", f"must be >= 0 (0: the whole training split), "
+           f"got {d.train_tokens}")
+    for name in ("valid", "test"):
+        value = getattr(cfg.paper, name)
+        _check(value is None or value > 0, f"paper.{name}", f"must be a positive score or null, got {value}")
     for name in ("batch_size", "bptt", "eval_batch_size"):
         _check(getattr(d, name) > 0, f"data.{name}", f"must be positive, got {getattr(d, name)}")
     if d.eval_bptt is not None:
         _check(d.eval_bptt > 0, "data.eval_bptt", f"must be positive, got {d.eval_bptt}")
+    if d.eval_warmup is not None:
+        _check(d.eval_warmup >= 0, "data.eval_warmup",
+               f"must be >= 0 tokens (0: no warm-up; null: the level's default), got {d.eval_warmup}")
     _check(not (d.shuffle and d.carry_state), "data.carry_state",
            "shuffled sequences cannot carry the hidden state; set data.carry_state=false "
            "or data.shuffle=false")
@@ -256,6 +384,10 @@ def validate(cfg: Config) -> Config:
     for name in ("embedding_dropout", "input_dropout", "layer_dropout", "output_dropout"):
         _prob(getattr(m, name), f"model.{name}")
     if m.input == "onehot":
+        _check(m.input_dropout == 0.0, "model.input_dropout",
+               "one-hot input has no input vector to drop (it is a column lookup); set it to 0 "
+               "(regularize the characters with model.lstm.* or model.layer_dropout) or "
+               "model.input=embedding")
         _check(m.embedding_dropout == 0.0, "model.embedding_dropout",
                "one-hot input has no embedding to drop; set it to 0 or model.input=embedding")
         _check(not m.tie_weights, "model.tie_weights",
@@ -288,6 +420,10 @@ def validate(cfg: Config) -> Config:
     _check(not (o.schedule == "ntasgd" and o.name != "sgd"), "optim.schedule",
            "ntasgd averages SGD iterates; set optim.name=sgd")
     _check(t.epochs > 0, "train.epochs", f"must be positive, got {t.epochs}")
+    _check(t.checkpoint_minutes >= 0, "train.checkpoint_minutes",
+           f"must be >= 0 minutes (0: no time-based checkpoints), got {t.checkpoint_minutes}")
+    _check(t.threads is None or t.threads > 0, "train.threads",
+           f"must be a positive number of CPU threads, or null for torch's default, got {t.threads}")
     for name in ("max_steps", "eval_every", "checkpoint_every", "patience"):
         _check(getattr(t, name) >= 0, f"train.{name}", f"must be >= 0, got {getattr(t, name)}")
     for name in ("keep_checkpoints", "log_every"):
@@ -348,9 +484,7 @@ def apply_override(raw: dict, keys: list[str], value, schema=None) -> None:
         path = ".".join(keys[: depth + 1])
         names = [f.name for f in dataclasses.fields(cls)]
         if key not in names:
-            prefix = ".".join(keys[:depth])
-            hint = difflib.get_close_matches(key, names, n=1)
-            extra = f" (did you mean '{(prefix + '.') if prefix else ''}{hint[0]}'?)" if hint else ""
+            extra = did_you_mean(schema or Config, tuple(keys[:depth]), key)
             raise ConfigError(f"override of unknown config key '{path}'{extra}")
         tp = typing.get_type_hints(cls)[key]
         last = depth == len(keys) - 1
@@ -364,8 +498,50 @@ def apply_override(raw: dict, keys: list[str], value, schema=None) -> None:
         node, cls = node[key], tp
 
 
-def read_recipe(path: str | Path) -> dict:
-    """The raw mapping of a recipe file; YAML errors come back with their line number."""
+def _merge(base: dict, child: dict) -> dict:
+    """``child`` over ``base``, section by section (mappings merge, anything else replaces)."""
+    out = dict(base)
+    for key, value in child.items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = _merge(out[key], value)
+        else:
+            out[key] = value
+    return out
+
+
+def read_recipe(path: str | Path, _chain: tuple = ()) -> dict:
+    """The raw mapping of a recipe file; YAML errors come back with their line number.
+
+    A recipe may start from others: ``base: ../char_ptb.yaml`` (a path relative to the recipe's
+    own folder), or a list ``base: [../char_gal.yaml, char_scale.yaml]`` read in order, each
+    laid over the previous one section by section, and this recipe's own keys over them all, so
+    a derived recipe names only what it changes. Bases may chain; a cycle is an error.
+    """
+    raw = _read_one(path)
+    if "base" not in raw:
+        return raw
+    bases = raw.pop("base")
+    p = Path(path)
+    if isinstance(bases, str):
+        bases = [bases]
+    if not isinstance(bases, list) or not bases or not all(isinstance(b, str) and b for b in bases):
+        raise ConfigError(f"recipe {str(p)!r}: base must be the path of another recipe, or a list "
+                          f"of them (relative to {str(p.parent)!r}), got {bases!r}")
+    chain = _chain + (p.resolve(),)
+    merged: dict = {}
+    for base in bases:  # later bases override earlier ones; the recipe's own keys override all
+        base_path = (p.parent / base).resolve()
+        if base_path in chain:
+            raise ConfigError(f"recipe {str(p)!r}: base {base!r} leads back to "
+                              f"{str(base_path)!r}; recipes cannot inherit in a cycle")
+        if not base_path.is_file():
+            raise ConfigError(f"recipe {str(p)!r}: base recipe {base!r} not found (looked for "
+                              f"{str(base_path)!r}); the path is relative to the recipe's folder")
+        merged = _merge(merged, read_recipe(base_path, chain))
+    return _merge(merged, raw)
+
+
+def _read_one(path: str | Path) -> dict:
     p = Path(path)
     if not p.is_file():
         raise ConfigError(f"recipe file {str(p)!r} not found; pass a YAML file such as "

@@ -3,8 +3,8 @@ TensorBoard scalars.
 
 ``metrics.jsonl`` holds only values that are a pure function of the run's seed and data (no
 wall-clock times), so a resumed run's lines equal an uninterrupted run's, value for value.
-Throughput goes to TensorBoard and the progress bar only. On resume the file is cut back to
-the number of lines the checkpoint recorded, dropping lines written after it.
+Throughput goes to TensorBoard, the progress bar and ``run.json``. On resume the file is cut
+back to the number of lines the checkpoint recorded, dropping lines written after it.
 """
 from __future__ import annotations
 
@@ -12,6 +12,26 @@ import json
 import math
 import os
 from pathlib import Path
+
+from lm.fileio import atomic_write_bytes
+
+
+def write_run_summary(run_dir: Path, progress: dict, parameters: int) -> None:
+    """``run.json``: the run's size and wall-clock figures so far (``lm.report`` reads them).
+
+    ``wall_seconds`` is the whole loop, evaluations included; ``step_seconds`` only the
+    training steps, so ``tokens_per_s = tokens_seen / step_seconds`` is training throughput.
+    ``evals`` pairs each evaluation's step with the wall time at which it finished. Work a
+    crash threw away is not counted: the figures are those of the checkpoint resumed from.
+    """
+    step_seconds = progress["step_seconds"]
+    record = {"parameters": parameters, "steps": progress["step"],
+              "tokens_seen": progress["tokens_seen"],
+              "wall_seconds": round(progress["wall_seconds"], 3),
+              "step_seconds": round(step_seconds, 3),
+              "tokens_per_s": round(progress["tokens_seen"] / step_seconds, 1) if step_seconds else None,
+              "evals": progress["eval_walls"]}
+    atomic_write_bytes(run_dir / "run.json", (json.dumps(record) + "\n").encode())
 
 
 class MetricsLog:
@@ -61,3 +81,21 @@ class MetricsLog:
         self._file.close()
         if self.writer is not None:
             self.writer.close()
+
+
+class NullLog:
+    """The log of a DDP rank other than 0: the same calls, nothing written (rank 0 logs)."""
+
+    lines = 0
+
+    def log(self, step: int, split: str, **values) -> None:
+        pass
+
+    def scalars(self, step: int, split: str, **values) -> None:
+        pass
+
+    def sync(self) -> None:
+        pass
+
+    def close(self) -> None:
+        pass

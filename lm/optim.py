@@ -10,6 +10,19 @@ i.e. the new loss is worse than the best of all but the last ``n`` evaluations. 
 ``ntasgd`` switches once from SGD to averaged SGD: the iterates from then on are averaged
 (``torch.optim.swa_utils.AveragedModel``, equal weights), and evaluation and checkpoints use
 the average.
+
+Which evaluations the criterion looks at after a decay (``optim.decay_rule``). Merity et al.
+define the trigger for a switch that happens once (NT-ASGD), so it never has to say. Taken
+literally at every evaluation (``every_eval``), the evaluation right after a decay is still
+compared with the same old best; unless one evaluation at the new rate beats it, the rate is
+divided again at once, possibly at several consecutive evaluations (by 4, 16, 64, ...), before
+the new rate has had time to act. The default, ``once_per_window``, reads the rule as its
+authors use it: it judges ``n`` evaluations of training at one rate. After a firing the history
+starts again from the evaluation that fired (the loss the new rate starts from), so the
+criterion needs ``n`` new evaluations before it can fire again, and then compares with the
+best since the decay. With ``v_f`` the evaluation that last fired (``f = 0`` before any),
+
+    history_k = [v_f, v_{f+1}, ..., v_{k-1}]    (every_eval: [v_0, ..., v_{k-1}] always)
 """
 from __future__ import annotations
 
@@ -33,13 +46,14 @@ class Schedule:
         self.cfg = cfg
         self.optimizer = optimizer
         self.model = model
-        self.history: list[float] = []
+        self.history: list[float] = []  # every validation loss, in order
+        self.start = 0  # history[start:] is what the criterion sees (once_per_window)
         self.fired = 0
         self.averaged: AveragedModel | None = None
 
     def nonmono_fires(self, val_loss: float) -> bool:
-        n = self.cfg.nonmono
-        return len(self.history) > n and val_loss > min(self.history[:-n])
+        n, seen = self.cfg.nonmono, self.history[self.start:]
+        return len(seen) > n and val_loss > min(seen[:-n])
 
     def after_eval(self, val_loss: float) -> str | None:
         """Record a validation loss; return a message if the schedule acted."""
@@ -51,6 +65,8 @@ class Schedule:
                     group["lr"] /= self.cfg.lr_decay
                 msg = f"non-monotonic trigger: learning rate divided by {self.cfg.lr_decay:g} " \
                       f"to {self.lr:.4g}"
+                if self.cfg.decay_rule == "once_per_window":
+                    self.start = len(self.history)  # this evaluation opens the next window
             elif self.averaged is None:
                 self.fired += 1
                 self.averaged = AveragedModel(self.model, use_buffers=True)
@@ -73,12 +89,14 @@ class Schedule:
     def state_dict(self) -> dict:
         return {
             "history": list(self.history),
+            "start": self.start,
             "fired": self.fired,
             "averaged": None if self.averaged is None else self.averaged.state_dict(),
         }
 
     def load_state_dict(self, state: dict) -> None:
         self.history = [float(v) for v in state["history"]]
+        self.start = int(state.get("start", 0))  # absent from checkpoints older than the option
         self.fired = int(state["fired"])
         self.averaged = None
         if state["averaged"] is not None:

@@ -61,6 +61,17 @@ def test_overrides_are_typed():
     (["model.lstm=3"], r"model.lstm: expected a mapping"),
     (["train.epochs.x=3"], r"'train.epochs' is a value, not a section"),
     (["data.carry_state=true"], r"data.carry_state: shuffled sequences cannot carry"),
+    # A bare key, or one in the wrong section, is suggested with its section.
+    (["epochs=2"], r"unknown config key 'epochs' \(did you mean 'train.epochs'\?\)"),
+    (["epoch=2"], r"unknown config key 'epoch' \(did you mean 'train.epochs'\?\)"),
+    (["hidden_dropout=0.1"], r"'hidden_dropout' \(did you mean 'model.lstm.hidden_dropout'\?\)"),
+    (["data.seed=3"], r"unknown config key 'data.seed' \(did you mean 'train.seed'\?\)"),
+    (["name=sgd"], r"unknown config key 'name' \(did you mean 'data.name' or 'optim.name'\?\)"),
+    (["model.input_dropout=0.2"], r"model.input_dropout: one-hot input has no input vector to drop"),
+    (["train.checkpoint_minutes=-1"], r"train.checkpoint_minutes: must be >= 0 minutes"),
+    (["train.threads=0"], r"train.threads: must be a positive number of CPU threads"),
+    (["optim.decay_rule=once_per_windw"], r"optim.decay_rule: 'once_per_windw' is not one of 'once_per_window', "
+                                r"'every_eval' \(did you mean 'once_per_window'\?\)"),
 ])
 def test_bad_overrides_name_the_key(overrides, message):
     with pytest.raises(ConfigError, match=message):
@@ -74,6 +85,9 @@ def test_recipe_file_errors(tmp_path):
         load_config(bad)
     bad.write_text("data:\n  levle: char\n")
     with pytest.raises(ConfigError, match=r"unknown config key 'data.levle' \(did you mean 'data.level'\?\)"):
+        load_config(bad)
+    bad.write_text("epochs: 3\n")  # a top-level key of the train section
+    with pytest.raises(ConfigError, match=r"unknown config key 'epochs' \(did you mean 'train.epochs'\?\)"):
         load_config(bad)
     bad.write_text("- a\n- b\n")
     with pytest.raises(ConfigError, match="must be a mapping of sections"):
@@ -100,3 +114,12 @@ def test_dry_run_prints_config_and_parameter_count():
     assert proc.returncode == 0, proc.stderr
     assert "hidden_size: 200" in proc.stdout
     assert "# parameters: " in proc.stdout
+
+
+def test_new_train_fields_load():
+    cfg = load_config(REPO / "recipes/char_ptb.yaml", ["train.threads=2", "train.checkpoint_minutes=0.5",
+                                                       "optim.decay_rule=every_eval"])
+    assert (cfg.train.threads, cfg.train.checkpoint_minutes, cfg.optim.decay_rule) == (2, 0.5, "every_eval")
+    default = load_config(REPO / "recipes/char_ptb.yaml")
+    assert (default.train.threads, default.train.checkpoint_minutes, default.optim.decay_rule) == \
+        (None, 30.0, "once_per_window")

@@ -244,3 +244,32 @@ def test_root_resolution(tmp_path, monkeypatch):
     assert resolve_root(tmp_path / "abs") == tmp_path / "abs"
     write_synth(tmp_path / "env" / "ptb")
     assert prepare_ptb(None, download=False) == tmp_path / "env" / "ptb"
+
+
+def test_advice_follows_the_lookup_order_and_a_failed_fetch_leaves_no_folder(tmp_path, monkeypatch):
+    """data.root > $LM_DATA_ROOT > data/ptb: the message names the setting in force, never one
+    that it overrides; a download that fails removes the folders it created."""
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("LM_DATA_ROOT", str(tmp_path / "env"))
+    explicit = tmp_path / "missing" / "ptb"
+    with pytest.raises(DataError) as e:
+        prepare_ptb(explicit, url=closed_port_url(), timeout=5)  # data.root=/missing/ptb
+    msg = one_line(e)
+    assert f"in {explicit}, or set data.root (which takes precedence over $LM_DATA_ROOT)" in msg
+    assert "set $LM_DATA_ROOT" not in msg
+    assert not (tmp_path / "missing").exists()  # neither ptb/ nor its parent is left behind
+    with pytest.raises(DataError) as e:  # data.root unset: $LM_DATA_ROOT chose the folder
+        prepare_ptb(None, download=False)
+    msg = one_line(e)
+    assert f"in {tmp_path / 'env'}, or set $LM_DATA_ROOT (or data.root, which takes precedence)" in msg
+    monkeypatch.delenv("LM_DATA_ROOT")
+    with pytest.raises(DataError) as e:  # neither: the default folder
+        prepare_ptb(None, url=closed_port_url(), timeout=5)
+    msg = one_line(e)
+    assert f"in {tmp_path / 'data' / 'ptb'}, or set data.root or $LM_DATA_ROOT" in msg
+    assert not (tmp_path / "data").exists()
+    kept = tmp_path / "kept"
+    kept.mkdir()
+    with pytest.raises(DataError):  # a folder that was there before stays
+        prepare_ptb(kept, url=closed_port_url(), timeout=5)
+    assert kept.is_dir()

@@ -1,4 +1,5 @@
 """Smoke test: the LSTM speed benchmark runs (tiny shapes) and prints its table."""
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -7,11 +8,18 @@ REPO = Path(__file__).resolve().parent.parent
 
 
 def test_benchmark_quick_prints_table():
+    env = dict(os.environ, MKL_ENABLE_INSTRUCTIONS="AVX2")
     res = subprocess.run([sys.executable, str(REPO / "benchmarks" / "lstm_speed.py"), "--quick"],
-                         capture_output=True, text=True, timeout=120, cwd=REPO)
+                         capture_output=True, text=True, timeout=120, cwd=REPO, env=env)
     assert res.returncode == 0, res.stderr
     out = res.stdout
-    assert "| variant | ms | ratio vs nn.LSTM | ratio IQR | target | pass/fail |" in out
+    assert "| variant | ms | ratio vs nn.LSTM | ratio IQR | target | pass/fail | kernels |" in out
+    # Where it ran: CPU model, vector ISA, threads; and the kernels chosen per row.
+    first = out.splitlines()[0]
+    assert first.startswith("CPU: ") and "ISA: " in first and "threads" in first
+    assert "| oneDNN (torch fused) |" in out                  # no-noise row: torch's kernel
+    assert "cell=" in out and "fwd=" in out                    # custom rows: the chosen kernels
     for name in ("WD shared", "Gauss shared", "WD+flipout", "Gauss+flipout", "Gal", "zoneout",
                  "Semeniuta", "eval forward", "independent per-example W"):
         assert f"| {name}" in out, name
+    assert "env: MKL_ENABLE_INSTRUCTIONS=AVX2" in out.splitlines()[0]       # recorded

@@ -107,6 +107,84 @@ def test_signal_saves_a_checkpoint_and_exits_0(reference_run, tmp_path, sig):
     assert metrics(run) == expected
 
 
+# train.py with its training step number SLOW_AT made long: it touches SLOW_MARKER, then sleeps.
+SLOW_STEP = """
+import os, sys, time
+import train
+from lm.model import LanguageModel
+forward, calls = LanguageModel.forward, [0]
+def slow(self, *args, **kwargs):
+    if self.training:
+        calls[0] += 1
+        if calls[0] == int(os.environ["SLOW_AT"]):
+            open(os.environ["SLOW_MARKER"], "w").close()
+            time.sleep(120)
+    return forward(self, *args, **kwargs)
+LanguageModel.forward = slow
+sys.exit(train.main(sys.argv[1:]))
+"""
+
+
+def start_slow_training(data_root, out_dir, slow_at):
+    """Training (the LONG settings) that is inside its long step ``slow_at`` when this returns."""
+    marker = out_dir / "in-the-long-step"
+    proc = subprocess.Popen([sys.executable, "-c", SLOW_STEP, "recipes/word_ptb.yaml",
+                             *tiny_overrides(data_root, out_dir, **LONG)], cwd=REPO, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True,
+                            env={**os.environ, **ONE_THREAD, "SLOW_AT": str(slow_at), "SLOW_MARKER": str(marker)})
+    deadline = time.time() + 120
+    while not marker.exists():
+        assert proc.poll() is None and time.time() < deadline, proc.stderr.read() if proc.poll() else ""
+        time.sleep(0.05)
+    return proc
+
+
+def test_a_second_ctrl_c_stops_at_once_and_keeps_the_last_checkpoint(reference_run, tmp_path):
+    root, expected = reference_run
+    proc = start_slow_training(root, tmp_path, 25)
+    proc.send_signal(signal.SIGINT)
+    # Said at once, while step 25 still has two minutes to go:
+    assert proc.stderr.readline() == "\n"
+    assert proc.stderr.readline().startswith("SIGINT received: stopping after the current step and "
+                                             "saving a checkpoint (press Ctrl-C again to stop at once")
+    proc.send_signal(signal.SIGINT)
+    out, err = proc.communicate(timeout=60)
+    assert proc.returncode == 130
+    assert "Traceback" not in err
+    run = tmp_path / "word_ptb"
+    assert err.strip().splitlines() == [
+        f"SIGINT received again: stopped at once; the step in progress is not saved; the newest "
+        f"checkpoint {run / 'ckpt-00000020.pt'} (step 20) is intact. Resume with: python train.py "
+        f"recipes/word_ptb.yaml {' '.join(tiny_overrides(root, tmp_path, **LONG))} --resume"]
+    assert checkpoint.load(run / "last.pt")["progress"]["step"] == 20
+    assert not (run / "train.lock").exists()
+    resumed = run_cli("train.py", "recipes/word_ptb.yaml", *tiny_overrides(root, tmp_path, **LONG), "--resume",
+                      env=ONE_THREAD)
+    assert resumed.returncode == 0, resumed.stderr
+    assert metrics(run) == expected  # nothing lost: steps 21-25 are redone exactly
+
+
+def test_two_processes_cannot_train_one_run_directory(reference_run, tmp_path, capsys):
+    root, _ = reference_run
+    proc = start_slow_training(root, tmp_path, 15)  # it holds the run, busy in step 15
+    run = tmp_path / "word_ptb"
+    for resume in ([], ["--resume"]):  # this test's process is the second one
+        assert train_script.main(["recipes/word_ptb.yaml", *tiny_overrides(root, tmp_path, **LONG), *resume]) == 2
+        assert one_error_line(capsys.readouterr().err) == (
+            f"error: {run} is in use by process {proc.pid} (it holds {run / 'train.lock'}); wait for it "
+            f"to finish or stop it, or choose another train.run_name=NAME")
+    proc.send_signal(signal.SIGKILL)  # the lock goes with the process; its file stays behind
+    proc.communicate()
+    assert (run / "train.lock").read_text() == f"{proc.pid}\n"
+    # A new process takes the run over (a few steps suffice: exact resume is tested above).
+    resumed = run_cli("train.py", "recipes/word_ptb.yaml", *tiny_overrides(root, tmp_path, **LONG),
+                      "train.max_steps=12", "--resume", env=ONE_THREAD)
+    assert resumed.returncode == 0, resumed.stderr
+    assert "resuming from" in resumed.stdout and "(step 10)" in resumed.stdout
+    assert checkpoint.load(run / "last.pt")["progress"]["step"] == 12
+    assert not (run / "train.lock").exists()
+
+
 def short_run(root, out, **extra):
     settings = {"train.max_steps": 9, "train.checkpoint_every": 3, **extra}
     return train_script.main(["recipes/word_ptb.yaml", *tiny_overrides(root, out, **settings)])

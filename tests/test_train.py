@@ -1,5 +1,6 @@
 """The trainer end to end on a tiny corpus: files on disk, exact resume, schedules, evaluate."""
 import json
+import re
 
 import pytest
 import torch
@@ -164,10 +165,10 @@ def test_evaluate_batch_size_one_is_the_exact_stream(tiny_ptb, tmp_path):
     results = {}
     for bs in ("1", "3"):
         args = evaluate_script.parse_args([str(tmp_path / "word_ptb" / "best.pt"), "--batch-size", bs,
-                                           "--data-root", str(tiny_ptb)])
+                                           "--data-root", str(tiny_ptb), "--warmup", "0"])
         results[bs] = evaluate_script.run(args)
     assert results["1"]["tokens"] == results["3"]["tokens"]
-    assert results["1"]["loss"] != results["3"]["loss"]  # columns start from zero state
+    assert results["1"]["loss"] != results["3"]["loss"]  # without warm-up, columns start from zero state
     assert results["1"]["loss"] == pytest.approx(results["3"]["loss"], rel=0.1)
 
 
@@ -181,7 +182,7 @@ def test_evaluating_an_ntasgd_training_checkpoint_scores_the_average(tiny_ptb, t
     import evaluate as evaluate_script
     from lm.config import config_from_dict
     from lm.data import Vocab, load_corpus
-    from lm.evaluation import evaluate
+    from lm.evaluation import eval_warmup, evaluate
 
     def loss_with(state):
         cfg = config_from_dict(last["config"])
@@ -189,9 +190,74 @@ def test_evaluating_an_ntasgd_training_checkpoint_scores_the_average(tiny_ptb, t
         model.load_state_dict(state)
         corpus = load_corpus("word", tiny_ptb, vocab=Vocab.from_dict(last["vocab"]))
         return evaluate(model, corpus.valid, batch_size=cfg.data.eval_batch_size, bptt=cfg.data.bptt,
-                        bos_id=corpus.vocab.eos_id, device=torch.device("cpu"))["loss"]
+                        bos_id=corpus.vocab.eos_id, device=torch.device("cpu"),
+                        warmup=eval_warmup(cfg.data))["loss"]
 
     result = evaluate_script.run(evaluate_script.parse_args(
         [str(tmp_path / "word_ptb" / "last.pt"), "--split", "valid", "--data-root", str(tiny_ptb)]))
     assert result["loss"] == pytest.approx(loss_with(weights), rel=1e-12)
     assert result["loss"] != pytest.approx(loss_with(last["model"]), rel=1e-6)
+
+
+def test_progress_bar_shows_loss_and_speed_from_the_first_step(tiny_ptb, tmp_path, capsys):
+    # log_every far beyond the run: the figures on the bar do not wait for a log line
+    assert run_train("word_ptb", tiny_ptb, tmp_path, **{"train.progress": "true", "train.log_every": 1000,
+                                                        "train.max_steps": 2}) == 0
+    err = capsys.readouterr().err
+    assert re.search(r"epoch 1: .* 1/\d+ .*loss \d+\.\d{3} ppl \d+\.\d+ lr 30 [\d,]+ tok/s", err), err
+    assert not [line for line in metrics(tmp_path / "word_ptb") if line["split"] == "train"]
+
+
+def test_checkpoint_minutes_adds_checkpoints_and_resume_stays_exact(tiny_ptb, tmp_path, monkeypatch):
+    """A checkpoint after every step (a deadline of 1e-9 minutes), none by step count; a crash
+    at step 8 resumes from step 7 and ends where a run without them does, line for line."""
+    settings = {"train.max_steps": 12, "train.log_every": 1, "train.eval_every": 5,
+                "train.keep_checkpoints": 20}
+    assert run_train("word_ptb", tiny_ptb, tmp_path / "a", **settings, **{"train.checkpoint_minutes": 0}) == 0
+    run_a = tmp_path / "a" / "word_ptb"
+    assert [p.name for p in checkpoint.numbered(run_a)] == ["ckpt-00000012.pt"]  # 0: off
+    often = {**settings, "train.checkpoint_minutes": 1e-9}
+    with monkeypatch.context() as m:
+        crash_at(m, 8)
+        with pytest.raises(Crash):
+            run_train("word_ptb", tiny_ptb, tmp_path / "b", **often)
+    run_b = tmp_path / "b" / "word_ptb"
+    assert [p.name for p in checkpoint.numbered(run_b)] == [f"ckpt-{s:08d}.pt" for s in range(1, 8)]
+    assert train_script.main(["recipes/word_ptb.yaml", *tiny_overrides(tiny_ptb, tmp_path / "b", **often),
+                              "--resume"]) == 0
+    assert metrics(run_b) == metrics(run_a)
+
+
+def test_threads_sets_torchs_cpu_threads(tiny_ptb, tmp_path):
+    before = torch.get_num_threads()
+    try:
+        assert run_train("word_ptb", tiny_ptb, tmp_path, **{"train.max_steps": 1,
+                                                            "train.threads": before + 1}) == 0
+        assert torch.get_num_threads() == before + 1
+    finally:
+        torch.set_num_threads(before)
+
+
+def test_no_arguments_names_only_the_recipe_as_required():
+    proc = run_cli("train.py")
+    assert proc.returncode == 2
+    assert "usage: train.py [-h] [--resume] [--dry-run] recipe [key.path=value ...]" in proc.stderr
+    assert proc.stderr.strip().splitlines()[-1].endswith("the following arguments are required: recipe")
+
+
+def test_a_second_signal_waits_for_a_checkpoint_write(capsys):
+    """The handler itself: the first signal is a flag and a message; a second one stops at
+    once, except inside ``deferred()`` (a checkpoint being written), which it waits for."""
+    import signal
+
+    stop = train_script.StopSignal()
+    stop(signal.SIGINT, None)
+    assert stop.signum == signal.SIGINT
+    assert "SIGINT received: stopping after the current step" in capsys.readouterr().err
+    with pytest.raises(train_script.StopNow) as e:
+        with stop.deferred():
+            stop(signal.SIGINT, None)  # does not raise here: the write goes on
+            written = True
+    assert written and e.value.signum == signal.SIGINT
+    with pytest.raises(train_script.StopNow):
+        stop(signal.SIGTERM, None)  # outside a write: at once

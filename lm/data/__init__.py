@@ -1,18 +1,24 @@
-"""The Penn Treebank data pipeline.
+"""The data pipeline: PTB, or any text corpus, as id streams.
 
 * :mod:`lm.data.ptb` -- locate, download and verify ``ptb.{train,valid,test}.txt``.
+* :mod:`lm.data.sources` -- the lines of each split: PTB, text files or a ``datasets`` dataset.
+* :mod:`lm.data.tokenizers` -- word, character and sentencepiece tokenizers.
+* :mod:`lm.data.cache` -- trained tokenizers and encoded splits cached on disk (memmap).
 * :mod:`lm.data.chars` -- the character-level view of a word line / file.
 * :mod:`lm.data.vocab` -- :class:`Vocab` (token <-> id, ``<eos>`` first).
-* :mod:`lm.data.corpus` -- :func:`load_corpus` -> :class:`Corpus` of id streams.
-* :mod:`lm.data.batching` -- :class:`TrainStream` / :func:`eval_batches`.
+* :mod:`lm.data.corpus` -- :func:`open_corpus` / :func:`load_corpus` -> :class:`Corpus` of id streams.
+* :mod:`lm.data.batching` -- :class:`TrainStream` / :class:`EvalStream` (:func:`eval_batches`).
 """
-from .batching import Batch, EvalBatch, TrainStream, eval_batches
+from .batching import Batch, EvalBatch, EvalStream, TrainStream, eval_batches
 from .chars import char_corpus_text, word_line_to_chars
-from .corpus import Corpus, load_corpus
+from .corpus import Corpus, load_corpus, open_corpus
 from .ptb import PTB_SHA256, PTB_URL, prepare_ptb
+from .sources import SOURCES
+from .tokenizers import KINDS, Tokenizer, tokenizer_from_checkpoint, tokenizer_kind
 from .vocab import Vocab
 
 __all__ = [
-    "PTB_URL", "PTB_SHA256", "prepare_ptb", "load_corpus", "Corpus", "Vocab",
-    "word_line_to_chars", "char_corpus_text", "TrainStream", "Batch", "eval_batches", "EvalBatch",
+    "PTB_URL", "PTB_SHA256", "prepare_ptb", "load_corpus", "open_corpus", "Corpus", "Vocab",
+    "SOURCES", "KINDS", "Tokenizer", "tokenizer_from_checkpoint", "tokenizer_kind",
+    "word_line_to_chars", "char_corpus_text", "TrainStream", "Batch", "eval_batches", "EvalBatch", "EvalStream",
 ]

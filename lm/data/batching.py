@@ -29,14 +29,15 @@ Every random draw comes from a private ``torch.Generator`` seeded from
 ``(seed, epoch)``, never the global RNG, so an epoch's batch schedule is a pure
 function of ``(seed, epoch)`` and ``batches(epoch, start=k)`` resumes an epoch exactly.
 
-Evaluation (:func:`eval_batches`) scores every token of a split exactly once.
+Evaluation (:class:`EvalStream`) scores every token of a split exactly once, with an optional
+warm-up that makes a large batch agree with batch size 1 (see its docstring).
 """
 from __future__ import annotations
 
 import hashlib
 import math
 from dataclasses import dataclass
-from typing import Iterator
+from typing import Iterator, Optional
 
 import torch
 
@@ -64,12 +65,14 @@ class Batch:
 class EvalBatch:
     """One evaluation chunk: ``input``, ``target`` ``(T, B)`` LongTensors and a bool ``mask``.
 
-    Only positions with ``mask`` True are real targets; padded positions hold ``bos_id``.
+    Only positions with ``mask`` True are scored targets; padding holds ``bos_id``. ``reset``,
+    a ``(B,)`` bool or None, marks the columns whose state is zeroed before this chunk.
     """
 
     input: torch.Tensor
     target: torch.Tensor
     mask: torch.Tensor
+    reset: Optional[torch.Tensor] = None
 
     @property
     def num_tokens(self) -> int:
@@ -207,35 +210,91 @@ class TrainStream:
         return self.num_batches(0)
 
 
-def eval_batches(data: torch.Tensor, batch_size: int, bptt: int, bos_id: int) -> Iterator[EvalBatch]:
-    """Chunks that score every token of ``data`` exactly once.
+def eval_batches(data: torch.Tensor, batch_size: int, bptt: int, bos_id: int, *,
+                 warmup: int = 0, reset_every: int = 0) -> "EvalStream":
+    """The chunks of :class:`EvalStream` (kept under its historical name)."""
+    return EvalStream(data, batch_size, bptt, bos_id, warmup=warmup, reset_every=reset_every)
 
-    The scored stream is ``[bos_id] + data`` (the first token is predicted from an
-    end-of-line context). With ``N = len(data)`` and ``L = ceil(N / B)``, target column
-    ``b`` holds ``data[b*L : (b+1)*L]`` and its input column the tokens one step
-    earlier (so it starts with the token preceding its first target). Positions past
-    ``N`` (the tail of the last column(s)) are padding: ``mask`` False, ids ``bos_id``.
-    Chunks of ``bptt`` rows are yielded in time order; the caller carries the hidden
-    state from one chunk to the next. ``batch_size=1`` is the whole split as one stream.
+
+class EvalStream:
+    """Chunks that score every token of ``data`` exactly once, ``B`` columns at a time.
+
+    **The exact stream.** The scored stream is ``S = [bos_id] + data`` (the first token is
+    predicted from an end-of-line context): input ``S[p]`` predicts target ``data[p]``,
+    ``0 <= p < N``. At batch size 1 the state in front of ``S[p]`` has read ``S[0:p]``, the
+    whole history: the exact figure.
+
+    **Columns.** With ``L = ceil(N / B)`` column ``b`` scores the targets ``p`` in
+    ``[s_b, s_b + L)``, ``s_b = b * L`` (positions ``>= N`` are padding). Started from a zero
+    state, column ``b`` would predict ``data[s_b]`` from ``S[s_b]`` alone, which is what makes
+    large batches pessimistic.
+
+    **Warm-up.** Column ``b`` first reads ``S[a_b : s_b]``, ``a_b = max(0, s_b - W)``, through
+    the model without scoring it, so its state in front of ``S[p]`` has read ``S[a_b : p]``:
+    the last ``min(p, W + p - s_b)`` tokens of the exact history, at least ``W``. Column 0, and
+    any column with ``s_b <= W``, reads from ``S[0]`` (the BOS context) and is exact. The
+    layout puts every column's ``s_b`` on the same row ``D = max_b (s_b - a_b)``; column ``b``
+    holds position ``p = s_b - D + t`` on row ``t``; rows before ``a_b`` are padding and the
+    state of column ``b`` is zeroed (``reset``) on the row of ``a_b``. Sequential steps:
+    ``D + L``; extra work: about ``B * W`` token steps.
+
+    **Resets.** ``reset_every=N`` (``N > 0``) zeroes the state in front of every ``S[p]`` with
+    ``p % N == 0``, so each target is predicted from the tokens since the last multiple of
+    ``N`` only: with ``N`` the training window this is the condition character runs are
+    trained in (windows of ``N + 1`` characters from a zero state; the first target of a window
+    is predicted from one token). Columns are then ``L = N * ceil(ceil(N_tokens / B) / N)`` long,
+    so every ``s_b`` is a reset point and no warm-up is needed (``warmup`` is ignored).
+
+    Chunks of at most ``bptt`` rows are yielded in time order, cut where a reset falls; the
+    caller carries the hidden state from one chunk to the next and, before a chunk, zeroes the
+    columns its ``reset`` marks. ``batch_size=1`` is the whole split as one stream.
     """
-    data = _check_stream(data)
-    _check_positive(batch_size=batch_size, bptt=bptt)
-    n = data.numel()
-    if n == 0:
-        raise DataError("cannot evaluate an empty split; check the corpus files")
-    rows = math.ceil(n / batch_size)
-    total = rows * batch_size
-    inputs = torch.full((total,), int(bos_id), dtype=torch.long, device=data.device)
-    targets = torch.full((total,), int(bos_id), dtype=torch.long, device=data.device)
-    inputs[1:n] = data[: n - 1]
-    targets[:n] = data
-    mask = torch.zeros(total, dtype=torch.bool, device=data.device)
-    mask[:n] = True
-    inputs = inputs.view(batch_size, rows).t().contiguous()
-    targets = targets.view(batch_size, rows).t().contiguous()
-    mask = mask.view(batch_size, rows).t().contiguous()
-    for i in range(0, rows, bptt):
-        yield EvalBatch(inputs[i:i + bptt], targets[i:i + bptt], mask[i:i + bptt])
+
+    def __init__(self, data: torch.Tensor, batch_size: int, bptt: int, bos_id: int, *,
+                 warmup: int = 0, reset_every: int = 0):
+        data = _check_stream(data)
+        _check_positive(batch_size=batch_size, bptt=bptt)
+        for name, value in (("warmup", warmup), ("reset_every", reset_every)):
+            if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+                raise ConfigError(f"{name} must be an integer >= 0, got {value!r}")
+        n = data.numel()
+        if n == 0:
+            raise DataError("cannot evaluate an empty split; check the corpus files")
+        self.batch_size, self.bptt, self.tokens = batch_size, bptt, n
+        length = math.ceil(n / batch_size)
+        if reset_every:
+            length = reset_every * math.ceil(length / reset_every)
+            warmup = 0
+        starts = torch.arange(batch_size, device=data.device) * length          # s_b
+        begins = (starts - warmup).clamp(min=0)                                  # a_b
+        lead = int((starts - begins).max())                                      # D
+        self.rows = lead + length
+        self.warmup_rows = lead
+        # Position p of column b on row t, and what sits there.
+        pos = starts.unsqueeze(0) - lead + torch.arange(self.rows, device=data.device).unsqueeze(1)
+        real = (pos >= begins.unsqueeze(0)) & (pos < n)
+        stream = torch.cat([torch.tensor([int(bos_id)], dtype=torch.long, device=data.device), data])
+        safe = pos.clamp(0, n - 1)
+        self._input = torch.where(real, stream[safe], int(bos_id))
+        self._target = torch.where(real, data[safe], int(bos_id))
+        self._mask = real & (pos >= starts.unsqueeze(0))
+        reset = (pos == begins.unsqueeze(0)) & (begins.unsqueeze(0) < n)
+        if reset_every:
+            reset |= real & (pos % reset_every == 0)
+        reset[0] = False  # the state starts at zero anyway
+        self._reset = reset
+        # Chunks of bptt rows counted from the start, from row D and from every reset row.
+        anchors = sorted({0, lead} | set(reset.any(1).nonzero().flatten().tolist()) | {self.rows})
+        cuts = [c for a, b in zip(anchors, anchors[1:]) for c in range(a, b, bptt)]
+        self._chunks = list(zip(cuts, cuts[1:] + [self.rows]))
+
+    def __len__(self) -> int:
+        return len(self._chunks)
+
+    def __iter__(self) -> Iterator[EvalBatch]:
+        for i, j in self._chunks:
+            reset = self._reset[i] if bool(self._reset[i].any()) else None
+            yield EvalBatch(self._input[i:j], self._target[i:j], self._mask[i:j], reset)
 
 
-__all__ = ["Batch", "EvalBatch", "TrainStream", "eval_batches", "epoch_generator"]
+__all__ = ["Batch", "EvalBatch", "EvalStream", "TrainStream", "eval_batches", "epoch_generator"]

@@ -64,9 +64,27 @@ def _one_line(text: object) -> str:
     return " ".join(str(text).split())
 
 
-def _where_hint(root: Path) -> str:
+def root_origin(root: str | os.PathLike | None) -> str:
+    """Which setting chose the data folder, in lookup order: ``"data.root"``, ``"env"``
+    (``$LM_DATA_ROOT``) or ``"default"`` (``data/ptb``)."""
+    if root is not None and str(root) != "":
+        return "data.root"
+    return "env" if os.environ.get(ENV_VAR) else "default"
+
+
+def _setting(origin: str | None) -> str:
+    """The setting to change, named so that the advice follows the lookup order (data.root >
+    $LM_DATA_ROOT > data/ptb) and never suggests one that the setting in force overrides."""
+    if origin == "data.root":
+        return f"data.root (which takes precedence over ${ENV_VAR})"
+    if origin == "env":
+        return f"${ENV_VAR} (or data.root, which takes precedence)"
+    return f"data.root or ${ENV_VAR} (data.root takes precedence)"
+
+
+def _where_hint(root: Path, origin: str | None = None) -> str:
     names = ", ".join(split_file(s) for s in SPLITS)
-    return f"put {names} in {root} or set {ENV_VAR} to the folder that holds them"
+    return f"put {names} in {root}, or set {_setting(origin)} to the folder that holds them"
 
 
 def resolve_root(root: str | os.PathLike | None) -> Path:
@@ -83,35 +101,36 @@ def resolve_root(root: str | os.PathLike | None) -> Path:
     return path
 
 
-def read_split_text(root: str | os.PathLike, split: str) -> str:
+def read_split_text(root: str | os.PathLike, split: str, origin: str | None = None) -> str:
     """The text of ``ptb.<split>.txt`` in ``root``, checked to be present, non-empty UTF-8.
 
     Raises :class:`DataError` (one line naming the file and the fix) if the file is
-    missing, unreadable, empty (or whitespace only) or not valid UTF-8.
+    missing, unreadable, empty (or whitespace only) or not valid UTF-8. ``origin``
+    (:func:`root_origin`) says which setting chose ``root``, for the advice.
     """
     root = Path(root)
     path = root / split_file(split)
     if not path.is_file():
-        raise DataError(f"PTB file {path} is missing; {_where_hint(root)}")
+        raise DataError(f"PTB file {path} is missing; {_where_hint(root, origin)}")
     try:
         raw = path.read_bytes()
     except OSError as exc:
         raise DataError(f"cannot read PTB file {path} ({_one_line(exc)}); check its permissions") from exc
-    return _decode_checked(raw, path)
+    return _decode_checked(raw, path, origin)
 
 
-def _decode_checked(raw: bytes, path: Path) -> str:
+def _decode_checked(raw: bytes, path: Path, origin: str | None = None) -> str:
     if not raw.strip():
         raise DataError(
             f"PTB file {path} is empty; delete it and run again to re-download it, "
-            f"or {_where_hint(path.parent)}"
+            f"or {_where_hint(path.parent, origin)}"
         )
     try:
         return raw.decode("utf-8")
     except UnicodeDecodeError as exc:
         raise DataError(
             f"PTB file {path} is not UTF-8 text (byte 0x{raw[exc.start]:02x} at offset {exc.start}); "
-            f"delete it and run again to re-download it, or {_where_hint(path.parent)}"
+            f"delete it and run again to re-download it, or {_where_hint(path.parent, origin)}"
         ) from exc
 
 
@@ -120,7 +139,7 @@ def sha256_bytes(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
 
 
-def _download(url: str, dest, timeout: float, root: Path) -> None:
+def _download(url: str, dest, timeout: float, hint: str) -> None:
     """Stream ``url`` into the open binary file ``dest`` with a tqdm progress bar."""
     from tqdm import tqdm
 
@@ -139,16 +158,16 @@ def _download(url: str, dest, timeout: float, root: Path) -> None:
     except urllib.error.HTTPError as exc:
         raise DataError(
             f"could not download the PTB corpus from {url} (HTTP {exc.code} {_one_line(exc.reason)}); "
-            f"{_where_hint(root)}"
+            f"{hint}"
         ) from exc
     except (urllib.error.URLError, OSError, ValueError) as exc:
         reason = getattr(exc, "reason", exc)
         raise DataError(
-            f"could not download the PTB corpus from {url} ({_one_line(reason)}); {_where_hint(root)}"
+            f"could not download the PTB corpus from {url} ({_one_line(reason)}); {hint}"
         ) from exc
 
 
-def _extract_members(archive: Path, names: list[str], url: str, root: Path) -> dict[str, bytes]:
+def _extract_members(archive: Path, names: list[str], url: str, hint: str) -> dict[str, bytes]:
     """Read exactly ``simple-examples/data/<name>`` for each name; nothing else is touched."""
     wanted = {f"{ARCHIVE_DIR}/{n}": n for n in names}
     found: dict[str, bytes] = {}
@@ -160,12 +179,12 @@ def _extract_members(archive: Path, names: list[str], url: str, root: Path) -> d
                     continue
                 if not member.isfile():
                     raise DataError(
-                        f"archive from {url} holds {member.name} but not as a regular file; {_where_hint(root)}"
+                        f"archive from {url} holds {member.name} but not as a regular file; {hint}"
                     )
                 if member.size > MAX_MEMBER_BYTES:
                     raise DataError(
                         f"archive from {url} holds an implausibly large {member.name} "
-                        f"({member.size} bytes); {_where_hint(root)}"
+                        f"({member.size} bytes); {hint}"
                     )
                 fh = tar.extractfile(member)
                 if fh is None:  # pragma: no cover - isfile() members always have data
@@ -173,12 +192,12 @@ def _extract_members(archive: Path, names: list[str], url: str, root: Path) -> d
                 found[wanted[name]] = fh.read()
     except (tarfile.TarError, EOFError, OSError, zlib.error) as exc:
         raise DataError(
-            f"download from {url} is not a valid .tgz archive ({_one_line(exc)}); {_where_hint(root)}"
+            f"download from {url} is not a valid .tgz archive ({_one_line(exc)}); {hint}"
         ) from exc
     missing = [f"{ARCHIVE_DIR}/{n}" for n in names if n not in found]
     if missing:
         raise DataError(
-            f"archive from {url} lacks {', '.join(missing)}; {_where_hint(root)}"
+            f"archive from {url} lacks {', '.join(missing)}; {hint}"
         )
     return found
 
@@ -199,38 +218,50 @@ def prepare_ptb(
     archive, verified against ``expected_sha256`` (default :data:`PTB_SHA256`; tests
     pass their own for a synthetic corpus) and written atomically. Every failure
     (offline, HTTP error, not a tarball, members missing, checksum mismatch) raises a
-    one-line :class:`DataError` naming the folder and ``LM_DATA_ROOT``.
+    one-line :class:`DataError` naming the folder and the setting that chose it (the advice
+    follows the lookup order), and leaves no folder behind that it created.
     """
     sums = dict(PTB_SHA256 if expected_sha256 is None else expected_sha256)
-    path = resolve_root(root)
+    path, origin = resolve_root(root), root_origin(root)
     names = [split_file(s) for s in SPLITS]
     missing = [n for n in names if not (path / n).is_file()]
     if missing and not download:
         raise DataError(
-            f"PTB files missing from {path}: {', '.join(missing)}; {_where_hint(path)} "
-            f"(or enable downloading)"
+            f"PTB files missing from {path}: {', '.join(missing)}; {_where_hint(path, origin)} "
+            f"(or set data.download=true to fetch them)"
         )
     if missing:
-        _fetch(path, missing, url, timeout, sums)
+        created = [p for p in (path, *path.parents) if not p.exists()]  # deepest first
+        try:
+            _fetch(path, missing, url, timeout, sums, origin)
+        except BaseException:
+            for folder in created:  # a failed download leaves no empty folder behind
+                try:
+                    folder.rmdir()
+                except OSError:
+                    break  # not empty (or not ours to remove): keep it and its parents
+            raise
     for split in SPLITS:
-        read_split_text(path, split)
+        read_split_text(path, split, origin)
     return path
 
 
-def _fetch(path: Path, missing: list[str], url: str, timeout: float, sums: Mapping[str, str]) -> None:
+def _fetch(path: Path, missing: list[str], url: str, timeout: float, sums: Mapping[str, str],
+           origin: str | None = None) -> None:
+    hint = _where_hint(path, origin)
     try:
         path.mkdir(parents=True, exist_ok=True)
         fd, tmp_name = tempfile.mkstemp(dir=path, prefix=".simple-examples.", suffix=".tgz.part")
     except OSError as exc:
         raise DataError(
             f"cannot write to the data folder {path} ({_one_line(exc)}); "
-            f"set {ENV_VAR} or data.root to a writable folder"
+            f"set {_setting(origin)} to a writable folder"
         ) from exc
     tmp = Path(tmp_name)
     try:
         with os.fdopen(fd, "wb") as fh:
-            _download(url, fh, timeout, path)
-        contents = _extract_members(tmp, missing, url, path)
+            _download(url, fh, timeout, hint)
+        contents = _extract_members(tmp, missing, url, hint)
         for name in missing:  # verify all before writing any
             got = sha256_bytes(contents[name])
             want = sums.get(name)
@@ -239,10 +270,10 @@ def _fetch(path: Path, missing: list[str], url: str, timeout: float, sums: Mappi
             if got != want.lower():
                 raise DataError(
                     f"checksum mismatch for {name} downloaded from {url}: expected sha256 "
-                    f"{want[:12]}..., got {got[:12]}...; {_where_hint(path)}"
+                    f"{want[:12]}..., got {got[:12]}...; {hint}"
                 )
         for name in missing:
-            _decode_checked(contents[name], path / name)
+            _decode_checked(contents[name], path / name, origin)
             atomic_write_bytes(path / name, contents[name])
     finally:
         try:
@@ -252,6 +283,6 @@ def _fetch(path: Path, missing: list[str], url: str, timeout: float, sums: Mappi
 
 
 __all__ = [
-    "PTB_URL", "PTB_SHA256", "SPLITS", "ENV_VAR", "prepare_ptb", "resolve_root",
+    "PTB_URL", "PTB_SHA256", "SPLITS", "ENV_VAR", "prepare_ptb", "resolve_root", "root_origin",
     "read_split_text", "split_file", "sha256_bytes",
 ]

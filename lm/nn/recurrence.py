@@ -31,47 +31,47 @@ Backward (row convention; ``δa_t`` the gate-preactivation gradient)::
 Every factor of the δa_t lines that does not depend on the incoming gradient is formed in
 the forward step (``k``, ``k_c``), so the backward loop itself is the recurrent product(s)
 and a handful of elementwise ops per step.
+
+Kernels. A step is three stages, each with candidates that give the same numbers and are
+chosen by timing them where they run (:mod:`lm.nn.kernels`, once per device, dtype, shape,
+variant and thread count):
+
+* the forward product(s) ``p0 = h̃ W̄ᵀ`` (and ``p1 = (h̃∘s) ΔŴᵀ``): MKL packed weights,
+  plain ``mm``, or for the flipout pair one batched ``bmm``;
+* the pointwise cell, forward (``a = xproj_t + p0 + p1∘r`` through ``h_t``, ``k_t``, and
+  the next step's product inputs) and backward (``δĉ``, ``δa_t``, ``δc_{t-1}``, then
+  ``δh_{t-1}`` from the backward products): torch ops (:class:`TorchCell`) or one compiled
+  loop per stage (:class:`lm.nn.fused_cell.FusedCell`);
+* the backward product(s) ``δa W̄`` (and ``(δa∘r) ΔŴ``): ``mm``, ``bmm`` or packed ``W̄ᵀ``.
 """
 from __future__ import annotations
 
-from typing import Optional
+from typing import Dict, List, Optional
 
 import torch
 from torch import Tensor
 
-
-# Below this many multiply-adds per step a pair of plain products beats one batched
-# product: bmm's split across threads costs more than it saves on tiny matrices (and
-# stalls badly when the cores are shared).
-_BATCHED_PAIR_MIN_MACS = 1 << 20
-
-
-def _pair_mm(a: Tensor, b: Tensor, out: Tensor) -> Tensor:
-    """``out[k] = a[k] @ b[k]`` for k = 0, 1."""
-    if a.size(1) * a.size(2) * b.size(2) >= _BATCHED_PAIR_MIN_MACS:
-        return torch.bmm(a, b, out=out)
-    torch.mm(a[0], b[0], out=out[0])
-    torch.mm(a[1], b[1], out=out[1])
-    return out
-
+from . import fused_cell, kernels
 
 _packed_ok: Optional[bool] = None
 
+# The kernels of the latest forward call, {"cell": ..., "fwd": ..., "bwd": ...}: what a
+# benchmark prints next to its numbers.
+last_kernels: Dict[str, str] = {}
+
 
 def _packed_available(x: Tensor) -> bool:
-    """Whether MKL's packed-weight product can serve the per-step forward products.
+    """Whether MKL's packed-weight product ``torch.ops.mkl._mkl_linear`` runs here.
 
-    On CPU (float32, MKL build) the product ``h Wᵀ`` against a weight packed once per call
-    runs ~30% faster than plain ``mm`` for the small batch of a recurrence; packing a
-    (4H, H) matrix costs about two steps' worth. Anything else uses ``mm``/``bmm``.
+    It exists for float32 on CPU in MKL builds (a private op: probed once, on fixed values,
+    not ``randn``, so the probe does not consume the global RNG). Whether it is *faster* is
+    measured per shape by :mod:`lm.nn.kernels`.
     """
     global _packed_ok
     if x.device.type != "cpu" or x.dtype != torch.float32:
         return False
     if _packed_ok is None:
         try:
-            # Fixed values, not randn: the probe must not consume the global RNG, or a
-            # resumed run would draw different noise from an uninterrupted one.
             w = torch.linspace(-1.0, 1.0, 32).reshape(8, 4)
             h = torch.linspace(0.5, -0.5, 12).reshape(3, 4)
             packed = torch.ops.mkl._mkl_reorder_linear_weight(w, 3)
@@ -83,15 +83,244 @@ def _packed_available(x: Tensor) -> bool:
 
 
 class _PackedLinear:
-    """``h ↦ h Wᵀ`` with ``W`` packed once for batch ``B`` (see :func:`_packed_available`)."""
+    """``h ↦ h Wᵀ`` with ``W`` packed once for batch ``B`` (packing costs ~2 steps)."""
 
     def __init__(self, w: Tensor, batch: int):
         self.w = w.contiguous()
         self.batch = batch
         self.packed = torch.ops.mkl._mkl_reorder_linear_weight(self.w, batch)
 
-    def __call__(self, h: Tensor) -> Tensor:
+    def __call__(self, h: Tensor, out: Optional[Tensor] = None) -> Tensor:
         return torch.ops.mkl._mkl_linear(h, self.packed, self.w, None, self.batch)
+
+
+class _Linear:
+    """``h ↦ h Wᵀ`` with plain ``mm`` against a contiguous ``Wᵀ`` (faster than a transposed
+    view), into ``out``."""
+
+    def __init__(self, w: Tensor, batch: int):
+        self.wt = w.t().contiguous()
+
+    def __call__(self, h: Tensor, out: Optional[Tensor] = None) -> Tensor:
+        return torch.mm(h, self.wt, out=out)
+
+
+class _Product:
+    """One per-step product ``x ↦ x Mᵀ`` (``M`` (N, K)) by the chosen kernel."""
+
+    def __init__(self, kind: str, m: Tensor, batch: int):
+        self.fn = (_PackedLinear if kind == "packed" else _Linear)(m, batch)
+        self.out = None if kind == "packed" else m.new_empty(batch, m.size(0))
+
+    def __call__(self, x: Tensor) -> Tensor:
+        return self.fn(x, self.out)
+
+
+class _Pair:
+    """Two per-step products ``(x0 M0ᵀ, x1 M1ᵀ)`` from a stacked ``x`` (2, B, K) and ``m``
+    (2, N, K): two packed, one batched ``bmm``, or two plain ``mm``."""
+
+    def __init__(self, kind: str, m: Tensor, batch: int):
+        self.kind = kind
+        if kind == "packed":
+            self.lins = (_PackedLinear(m[0], batch), _PackedLinear(m[1], batch))
+        else:
+            self.mt = m.transpose(1, 2).contiguous()
+            self.out = m.new_empty(2, batch, m.size(1))
+
+    def __call__(self, x: Tensor):
+        if self.kind == "packed":
+            return self.lins[0](x[0]), self.lins[1](x[1])
+        if self.kind == "bmm":
+            torch.bmm(x, self.mt, out=self.out)
+        else:
+            torch.mm(x[0], self.mt[0], out=self.out[0])
+            torch.mm(x[1], self.mt[1], out=self.out[1])
+        return self.out[0], self.out[1]
+
+
+class TorchCell:
+    """The pointwise step as torch ops; the same signatures as
+    :class:`lm.nn.fused_cell.FusedCell` (``None`` for an absent operand), with (B, H)
+    scratch tiles of its own."""
+
+    def __init__(self, like: Tensor, B: int, H: int):
+        new = like.new_empty
+        self.gd, self.ch, self.tc, self.hh, self.one_minus = (new(B, H) for _ in range(5))
+        self.dch = new(B, H)
+        self.ones = torch.ones(B, H, dtype=like.dtype, device=like.device)
+
+    def fwd(self, B, H, xp, p0, p1, r, a, c_prev, h_prev, cm, zc, zh, c_out, h_out, k, kc,
+            m, hm_next, ms, hs_next):
+        torch.add(xp, p0, out=a)
+        if p1 is not None:
+            a.addcmul_(p1, r)
+        a[:, :2 * H].sigmoid_()
+        a[:, 2 * H:3 * H].tanh_()
+        a[:, 3 * H:].sigmoid_()
+        i, f, g, o = a[:, :H], a[:, H:2 * H], a[:, 2 * H:3 * H], a[:, 3 * H:]
+        gd = torch.mul(g, cm, out=self.gd) if cm is not None else g
+        ch = torch.mul(f, c_prev, out=self.ch if zc is not None else c_out)
+        ch.addcmul_(i, gd)
+        tc = torch.tanh(ch, out=self.tc)
+        if zh is not None:
+            torch.lerp(torch.mul(o, tc, out=self.hh), h_prev, zh, out=h_out)
+        else:
+            torch.mul(o, tc, out=h_out)
+        if k is not None:
+            kv = k.view(B, 4, H)
+            torch.addcmul(i, i, i, value=-1, out=kv[:, 0]).mul_(gd)
+            torch.addcmul(f, f, f, value=-1, out=kv[:, 1]).mul_(c_prev)
+            torch.addcmul(self.ones, g, g, value=-1, out=kv[:, 2]).mul_(i)
+            if cm is not None:
+                kv[:, 2].mul_(cm)
+            torch.addcmul(o, o, o, value=-1, out=kv[:, 3]).mul_(tc)
+            torch.addcmul(self.ones, tc, tc, value=-1, out=kc).mul_(o)
+            if zh is not None:
+                keep = torch.sub(self.ones, zh, out=self.one_minus)
+                kv[:, 3].mul_(keep)
+                kc.mul_(keep)
+        if zc is not None:
+            torch.lerp(ch, c_prev, zc, out=c_out)
+        if hm_next is not None:
+            torch.mul(h_out, m, out=hm_next)
+        if hs_next is not None:
+            torch.mul(h_out, ms, out=hs_next)
+
+    def bwd(self, B, H, dh, dc, k, kc, acts, zc, dg, r, dgr, dc_prev):
+        if zc is not None:
+            keep = torch.sub(self.ones, zc, out=self.one_minus)
+            torch.mul(dc, keep, out=self.dch).addcmul_(dh, kc)
+        else:
+            torch.addcmul(dc, dh, kc, out=self.dch)
+        kv, dgv = k.view(B, 4, H), dg.view(B, 4, H)
+        torch.mul(kv[:, :3], self.dch.unsqueeze(1), out=dgv[:, :3])
+        torch.mul(kv[:, 3], dh, out=dgv[:, 3])
+        torch.mul(self.dch, acts[:, H:2 * H], out=dc_prev)
+        if zc is not None:
+            dc_prev.addcmul_(dc, zc)
+        if dgr is not None:
+            torch.mul(dg, r, out=dgr)
+
+    def post(self, n, p0, m, p1, ms, zh, dh, dout, dh_prev):
+        if m is not None:
+            torch.mul(p0, m, out=dh_prev)
+        else:
+            dh_prev.copy_(p0)
+        if p1 is not None:
+            dh_prev.addcmul_(p1, ms)
+        if zh is not None:
+            dh_prev.addcmul_(zh, dh)
+        if dout is not None:
+            dh_prev.add_(dout)
+
+
+# ---------------------------------------------------------------------- kernel choice
+def _gen_like(like: Tensor, *shape: int, gen: torch.Generator, scale: float = 1.0) -> Tensor:
+    """Synthetic timing input from a private generator (the global RNG stays untouched)."""
+    x = torch.randn(*shape, generator=gen, dtype=like.dtype, device="cpu") * scale
+    return x.to(like.device)
+
+
+def _device_key(x: Tensor) -> tuple:
+    return (x.device.type, x.device.index, str(x.dtype).replace("torch.", ""))
+
+
+def _choose_products(like: Tensor, B: int, H: int, flip: bool, need_grad: bool) -> Dict[str, str]:
+    """The product kernels for this call: ``{"fwd": ..., "bwd": ...}``."""
+    G = 4 * H
+    packed = _packed_available(like) and B > 1
+    key = _device_key(like) + (B, H)
+    single = [n for n in kernels.OPS["fwd_product"] if packed or n != "packed"]
+    pair = [n for n in kernels.OPS["fwd_pair"] if packed or n != "packed"]
+
+    def runners(kinds, op_pair: bool, transpose: bool):
+        def make():
+            gen = torch.Generator().manual_seed(0)
+            shape = (G, H) if not transpose else (H, G)
+            m = _gen_like(like, *(((2,) if op_pair else ()) + shape), gen=gen, scale=0.03)
+            x = _gen_like(like, *(((2,) if op_pair else ()) + (B, shape[1])), gen=gen)
+            cls = _Pair if op_pair else _Product
+            return {kind: (lambda p=cls(kind, m, B): p(x)) for kind in kinds}
+        return make
+
+    out = {}
+    if flip:
+        out["fwd"] = kernels.choose("fwd_pair", key, pair, runners(pair, True, False))
+        if need_grad:
+            bp = [n for n in kernels.OPS["bwd_pair"] if packed or n != "packed"]
+            out["bwd"] = kernels.choose("bwd_pair", key, bp, runners(bp, True, True))
+    else:
+        out["fwd"] = kernels.choose("fwd_product", key, single, runners(single, False, False))
+        if need_grad:
+            bs = [n for n in kernels.OPS["bwd_product"] if packed or n != "packed"]
+            out["bwd"] = kernels.choose("bwd_product", key, bs, runners(bs, False, True))
+    return out
+
+
+def _choose_cell(like: Tensor, B: int, H: int, opts: tuple):
+    """The pointwise cell for this call: a :class:`FusedCell` or a :class:`TorchCell`.
+
+    ``opts`` = (flip, gal, zc, zh, cm, need_grad) as booleans: the variant, part of the key.
+    """
+    avail = [n for n in kernels.OPS["cell"] if n != "fused" or fused_cell.supports(like)]
+
+    def make():
+        gen = torch.Generator().manual_seed(0)
+        flip, gal, has_zc, has_zh, has_cm, need_grad = opts
+        G = 4 * H
+        g = lambda *s, scale=1.0: _gen_like(like, *s, gen=gen, scale=scale)  # noqa: E731
+        xp, p0, p1 = g(B, G), g(B, G), g(B, G)
+        r = torch.sign(g(B, G))
+        c0, h0, mask = g(B, H), g(B, H), (g(B, H) > 0).to(like.dtype) * 2
+        zc = (g(B, H) > 0).to(like.dtype) if has_zc else None
+        zh = (g(B, H) > 1).to(like.dtype) if has_zh else None
+        cm = mask if has_cm else None
+        m = mask if gal else None
+        acts, k = like.new_empty(B, G), like.new_empty(B, G)
+        dg, dgr = like.new_empty(B, G), like.new_empty(B, G)
+        c1, h1, kc, hn, hs, dc_prev, dh_prev = (like.new_empty(B, H) for _ in range(7))
+        # Without Gal's mask the fused forward writes h_t straight into the next product
+        # input; flipout also forms h_t∘s there.
+        hm_next = hn if gal else None
+        hs_next = hs if flip else None
+        ms = mask if flip else None
+
+        def run(cell):
+            cell.fwd(B, H, xp, p0, p1 if flip else None, r if flip else None, acts, c0, h0, cm,
+                     zc, zh, c1, h1, k if need_grad else None, kc if need_grad else None, m,
+                     hm_next, ms, hs_next)
+            if need_grad:
+                cell.bwd(B, H, h1, c1, k, kc, acts, zc, dg, r if flip else None,
+                         dgr if flip else None, dc_prev)
+                cell.post(B * H, acts[:, :H], m, acts[:, H:2 * H] if flip else None, ms, zh,
+                          h1, h0, dh_prev)
+        return {"fused": (lambda c=fused_cell.FusedCell(like.dtype): run(c)) if "fused" in avail
+                else None, "torch": (lambda c=TorchCell(like, B, H): run(c))}
+
+    def make_avail():
+        return {n: f for n, f in make().items() if n in avail}
+
+    name = kernels.choose("cell", _device_key(like) + (B, H) + tuple(map(bool, opts)), avail,
+                          make_avail)
+    return fused_cell.FusedCell(like.dtype) if name == "fused" else TorchCell(like, B, H), name
+
+
+def _tiles(x: Optional[Tensor], T: int) -> List[Optional[Tensor]]:
+    """Per-step contiguous (B, H) tiles of a (T, B, H) or (B, H) tensor (``None``: absent).
+
+    A constant over time (zoneout's expectation, an expanded view; or a per-sequence mask)
+    becomes one tile shared by every step."""
+    if x is None:
+        return [None] * T
+    if x.dim() == 2:
+        tile = x.contiguous()
+        return [tile] * T
+    if x.stride(0) == 0:
+        tile = x[0].contiguous()
+        return [tile] * T
+    x = x.contiguous()
+    return list(x.unbind(0))
 
 
 class LSTMRecurrence(torch.autograd.Function):
@@ -117,114 +346,64 @@ class LSTMRecurrence(torch.autograd.Function):
         T, B, G = xproj.shape
         H = G // 4
         xproj = xproj.contiguous()
+        h0, c0, w = h0.contiguous(), c0.contiguous(), w.contiguous()
         flip = e is not None
+        r = r.contiguous() if flip else None
+        m = m.contiguous() if m is not None else None
         # Under Gal's mask the flipout product sees h̃∘s = h∘(m∘s): one multiply, not two.
-        ms = (s * m if m is not None else s) if flip else None
-        cm_step = cm is not None and cm.dim() == 3
+        ms = ((s * m if m is not None else s).contiguous()) if flip else None
         new = xproj.new_empty
-
-        acts = torch.empty_like(xproj)                   # i, f, g, o after the nonlinearity
+        opts = (flip, m is not None, zc is not None, zh is not None, cm is not None, need_grad)
+        cell, cell_name = _choose_cell(xproj, B, H, opts)
+        prods = _choose_products(xproj, B, H, flip, need_grad)
+        last_kernels.clear()
+        last_kernels.update(cell=cell_name, **prods)
+        zc_t, zh_t, cm_t = _tiles(zc, T), _tiles(zh, T), _tiles(cm, T)
+        acts = new(T, B, G)                              # i, f, g, o after the nonlinearity
         c_bufs = (new(B, H), new(B, H))                  # c_t, alternating
-        tanh_c = new(B, H)
-        cnew = new(B, H) if zc is not None else None
-        hnew = new(B, H) if zh is not None else None
-        gd = new(B, H) if cm is not None else None
-        if need_grad:
-            # The local derivative factors of the backward (module docstring), formed here
-            # per step on cache-hot (B, H) tiles rather than over all steps afterwards:
-            # k[t] = (i(1-i)∘d∘g, f(1-f)∘c_{t-1}, (1-g²)∘i∘d, o(1-o)∘tanh ĉ) and
-            # k_c[t] = o∘(1-tanh²ĉ), the last two times (1-z^h) under hidden zoneout.
-            k = new(T, B, 4, H)
-            k_c = new(T, B, H)
-            ones = torch.ones_like(tanh_c)
-            keep_h = 1 - zh if zh is not None else None
-        packed = _packed_available(xproj) and B > 1
+        # The local derivative factors of the backward (module docstring), formed in the
+        # forward step: k[t] = (i(1-i)∘d∘g, f(1-f)∘c_{t-1}, (1-g²)∘i∘d, o(1-o)∘tanh ĉ) and
+        # k_c[t] = o∘(1-tanh²ĉ), the last two times (1-z^h) under hidden zoneout.
+        k = new(T, B, G) if need_grad else None
+        k_c = new(T, B, H) if need_grad else None
         if flip:
-            # Both recurrent products as one batched product: z[:, t] = (h̃_{t-1}, h̃_{t-1}∘s)
-            # against the stacked (W̄, ΔŴ). On CPU a batch of two runs ~15% faster than two
-            # separate products (each thread streams its own matrix); two packed products
-            # are faster still. Without Gal's mask h̃ = h, so the step writes h_t straight
-            # into z[0, t+1].
-            w2 = xproj.new_empty(2, G, H)                # (W̄, ΔŴ), also for the backward
-            w2[0].copy_(w)
-            torch.mul(w, e, out=w2[1])
-            if packed:
-                lin0, lin1 = _PackedLinear(w2[0], B), _PackedLinear(w2[1], B)
-            else:
-                # A contiguous (H, 4H) operand is ~20% faster than a transposed view.
-                w2t = w2.transpose(1, 2).contiguous()
-                prod = new(2, B, G)
+            # z[:, t] = (h̃_{t-1}, h̃_{t-1}∘s), the inputs of the two products, kept for δW.
+            # Without Gal's mask h̃ = h, so the step writes h_t straight into z[0, t+1].
+            w2 = torch.stack([w, w * e])                 # (W̄, ΔŴ), also for the backward
+            prod = _Pair(prods["fwd"], w2, B)
             z = new(2, T + 1, B, H)
             torch.mul(h0, m, out=z[0, 0]) if m is not None else z[0, 0].copy_(h0)
+            torch.mul(h0, ms, out=z[1, 0])
             out = new(T, B, H) if m is not None else z[0, 1:]
             hm = None
         else:
             w2 = z = None
+            prod = _Product(prods["fwd"], w, B)
             out = new(T, B, H)
-            hm = new(T, B, H) if (m is not None and need_grad) else None   # h̃_t, for δW̄
-            hin_buf = new(B, H) if m is not None else None
-            if packed:
-                lin0 = _PackedLinear(w, B)
-            else:
-                wt = w.t()
+            # h̃_t = h_t∘m under Gal's mask, the product input (kept for δW̄ when training).
+            hm = new(T + 1, B, H) if m is not None else None
+            if m is not None:
+                torch.mul(h0, m, out=hm[0])
 
-        h = h0
-        c = c0
+        h, c = h0, c0
         for t in range(T):
-            a = acts[t]
             if flip:
-                torch.mul(h, ms, out=z[1, t])
-                if packed:
-                    torch.add(xproj[t], lin0(z[0, t]), out=a).addcmul_(lin1(z[1, t]), r)
-                else:
-                    _pair_mm(z[:, t], w2t, out=prod)
-                    torch.addcmul(prod[0], prod[1], r, out=a).add_(xproj[t])
+                p0, p1 = prod(z[:, t])
+                hm_next, hs_next = (z[0, t + 1] if m is not None else None), z[1, t + 1]
             else:
-                hin = torch.mul(h, m, out=hm[t] if hm is not None else hin_buf) \
-                    if m is not None else h
-                if packed:
-                    torch.add(xproj[t], lin0(hin), out=a)
-                else:
-                    torch.addmm(xproj[t], hin, wt, out=a)
-            a[:, :2 * H].sigmoid_()
-            a[:, 2 * H:3 * H].tanh_()
-            a[:, 3 * H:].sigmoid_()
-            i, f, g, o = a[:, :H], a[:, H:2 * H], a[:, 2 * H:3 * H], a[:, 3 * H:]
-            cm_t = (cm[t] if cm_step else cm) if cm is not None else None
-            if cm is not None:
-                g_eff = torch.mul(g, cm_t, out=gd)
-            else:
-                g_eff = g
+                p0, p1 = prod(hm[t] if m is not None else h), None
+                hm_next, hs_next = (hm[t + 1] if m is not None else None), None
             c_next = c_bufs[t % 2]
-            c_hat = torch.mul(f, c, out=cnew if zc is not None else c_next)
-            c_hat.addcmul_(i, g_eff)
-            torch.tanh(c_hat, out=tanh_c)
-            if zh is not None:
-                torch.lerp(torch.mul(o, tanh_c, out=hnew), h, zh[t], out=out[t])
-            else:
-                torch.mul(o, tanh_c, out=out[t])
-            if need_grad:
-                kt = k[t]
-                torch.addcmul(i, i, i, value=-1, out=kt[:, 0]).mul_(g_eff)
-                torch.addcmul(f, f, f, value=-1, out=kt[:, 1]).mul_(c)
-                torch.addcmul(ones, g, g, value=-1, out=kt[:, 2]).mul_(i)
-                if cm is not None:
-                    kt[:, 2].mul_(cm_t)
-                torch.addcmul(o, o, o, value=-1, out=kt[:, 3]).mul_(tanh_c)
-                torch.addcmul(ones, tanh_c, tanh_c, value=-1, out=k_c[t]).mul_(o)
-                if zh is not None:
-                    kt[:, 3].mul_(keep_h[t])
-                    k_c[t].mul_(keep_h[t])
-            if zc is not None:
-                torch.lerp(c_hat, c, zc[t], out=c_next)
-            h = out[t]
-            c = c_next
-            if flip and m is not None:
-                torch.mul(h, m, out=z[0, t + 1])
+            cell.fwd(B, H, xproj[t], p0, p1, r, acts[t], c, h, cm_t[t], zc_t[t], zh_t[t],
+                     c_next, out[t], k[t] if need_grad else None,
+                     k_c[t] if need_grad else None, m, hm_next, ms, hs_next)
+            h, c = out[t], c_next
 
         if need_grad:
             zin = z[:, :T] if flip else None
-            ctx.save_for_backward(acts, k, k_c, out, h0, w, w2, e, r, ms, m, zc, zh, hm, zin)
+            hm_in = hm[:T] if hm is not None else None
+            ctx.save_for_backward(acts, k, k_c, out, h0, w, w2, e, r, ms, m, zc, zh, hm_in, zin)
+            ctx.kernels = (cell_name, prods.get("bwd"))
         if flip and m is None:
             out = out.clone()        # a view of z: hand back a tensor of its own
         return out, out[T - 1].clone(), c.clone()
@@ -232,59 +411,36 @@ class LSTMRecurrence(torch.autograd.Function):
     @staticmethod
     def backward(ctx, d_out: Tensor, d_hn: Tensor, d_cn: Tensor):
         (acts, k, k_c, out, h0, w, w2, e, r, ms, m, zc, zh, hm, zin) = ctx.saved_tensors
+        cell_name, bwd_kind = ctx.kernels
         T, B, G = acts.shape
         H = G // 4
         flip = w2 is not None
         d_out = d_out.contiguous()
-        f = acts[..., H:2 * H]
-        keep_c = 1 - zc if zc is not None else None
+        cell = fused_cell.FusedCell(acts.dtype) if cell_name == "fused" else TorchCell(acts, B, H)
+        zc_t, zh_t = _tiles(zc, T), _tiles(zh, T)
 
         if flip:
-            # (δa_t, δa_t∘r) stacked like the forward's (h̃, h̃∘s), for batched products.
+            # (δa_t, δa_t∘r) stacked like the forward's (h̃, h̃∘s), for the products and δW.
             d2 = acts.new_empty(2, T, B, G)
             d_gates = d2[0]
-            prod = acts.new_empty(2, B, H)
+            prod = _Pair(bwd_kind, w2.transpose(1, 2), B)
         else:
+            d2 = None
             d_gates = acts.new_empty(T, B, G)
-        dgv = d_gates.view(T, B, 4, H)
+            prod = _Product(bwd_kind, w.t(), B)
         dh = d_hn + d_out[T - 1]
-        dc = d_cn.clone()
-        dc_hat = acts.new_empty(B, H)
+        dc = d_cn.contiguous().clone()
         dh_prev = acts.new_empty(B, H)
         dc_prev = acts.new_empty(B, H)
-        plain = m is None and not flip and zh is None
         for t in range(T - 1, -1, -1):
-            if zc is not None:
-                torch.mul(dc, keep_c[t], out=dc_hat).addcmul_(dh, k_c[t])
+            cell.bwd(B, H, dh, dc, k[t], k_c[t], acts[t], zc_t[t], d_gates[t],
+                     r, d2[1, t] if flip else None, dc_prev)
+            if flip:
+                p0, p1 = prod(d2[:, t])
             else:
-                torch.addcmul(dc, dh, k_c[t], out=dc_hat)
-            torch.mul(k[t, :, :3], dc_hat.unsqueeze(1), out=dgv[t, :, :3])
-            torch.mul(k[t, :, 3], dh, out=dgv[t, :, 3])
-            torch.mul(dc_hat, f[t], out=dc_prev)
-            if zc is not None:
-                dc_prev.addcmul_(dc, zc[t])
-            dgt = d_gates[t]
-            if plain:
-                if t > 0:
-                    torch.addmm(d_out[t - 1], dgt, w, out=dh_prev)
-                else:
-                    torch.mm(dgt, w, out=dh_prev)
-            else:
-                if flip:
-                    torch.mul(dgt, r, out=d2[1, t])
-                    _pair_mm(d2[:, t], w2, out=prod)
-                    if m is not None:
-                        torch.mul(prod[0], m, out=dh_prev).addcmul_(prod[1], ms)
-                    else:
-                        torch.addcmul(prod[0], prod[1], ms, out=dh_prev)
-                else:
-                    torch.mm(dgt, w, out=dh_prev)
-                    if m is not None:
-                        dh_prev.mul_(m)
-                if zh is not None:
-                    dh_prev.addcmul_(dh, zh[t])
-                if t > 0:
-                    dh_prev.add_(d_out[t - 1])
+                p0, p1 = prod(d_gates[t]), None
+            cell.post(B * H, p0, m, p1, ms, zh_t[t], dh, d_out[t - 1] if t > 0 else None,
+                      dh_prev)
             dh, dh_prev = dh_prev, dh
             dc, dc_prev = dc_prev, dc
 
@@ -298,7 +454,7 @@ class LSTMRecurrence(torch.autograd.Function):
         elif ctx.needs_input_grad[3]:
             if hm is None:
                 hm = torch.cat([h0.unsqueeze(0), out[:-1]], 0)
-            d_w = d_gates.view(T * B, G).t().mm(hm.view(T * B, H))
+            d_w = d_gates.view(T * B, G).t().mm(hm.reshape(T * B, H))
         return d_gates, dh, dc, d_w, None, None, None, None, None, None, None, None
 
 

@@ -1,0 +1,153 @@
+"""The trainer's overhead per step: ``train.py``'s loop against a bare loop, same everything.
+
+    python benchmarks/train_step.py [--recipes recipes/char_ptb.yaml recipes/word_ptb.yaml]
+                                    [--steps 12] [--warmup 3] [--threads N] [--data-root DIR]
+
+For each recipe (full size: its model, optimizer, batch and BPTT), two loops over the same
+batches in one process:
+
+* **train.py**: ``train.main()`` itself with ``train.max_steps`` = warm-up + steps, run in
+  process (no evaluation until the end, no checkpoints, no TensorBoard, no progress bar). A
+  step is the time between two consecutive optimizer steps (a global
+  ``torch.optim`` post-step hook), so it holds everything the loop does per step: batch,
+  forward, loss, backward, clipping, the non-finite check, the optimizer, the schedule,
+  logging.
+* **bare**: the same model, optimizer and batches with nothing around them:
+  ``forward; loss; zero_grad; backward; clip; step``.
+
+The table gives the median step of each after the warm-up and the overhead
+``train / bare - 1`` (target <= 5%), and the same from the fastest step of each, which on a
+shared, loaded machine is the steadier estimate of what the loop itself costs. The corpus is the real training split (full
+vocabulary) with the first lines of the validation and test splits, so the run's closing
+evaluation stays short; ``--data-root`` names the folder with the PTB files (default
+``$LM_DATA_ROOT``, else ``../shared/data/ptb``).
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+from torch.optim.optimizer import register_optimizer_step_post_hook
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+import train as train_script  # noqa: E402
+from lm.config import load_config  # noqa: E402
+from lm.data import TrainStream, open_corpus  # noqa: E402
+from lm.model import LanguageModel, cross_entropy_sum, detach_state  # noqa: E402
+from lm.optim import build_optimizer  # noqa: E402
+
+sys.path.insert(0, str(REPO / "benchmarks"))
+from lstm_speed import machine  # noqa: E402
+
+SPLITS = ("train", "valid", "test")
+
+
+def small_eval_corpus(src: Path, dst: Path, eval_lines: int = 20) -> Path:
+    """``dst`` with the full training files of ``src`` (linked) and short valid/test files."""
+    dst.mkdir(parents=True, exist_ok=True)
+    for kind in ("ptb.", "ptb.char."):
+        for split in SPLITS:
+            f = src / f"{kind}{split}.txt"
+            if not f.is_file():
+                continue
+            if split == "train":
+                (dst / f.name).symlink_to(f.resolve())
+            else:
+                with open(f) as fh:
+                    (dst / f.name).write_text("".join(fh.readline() for _ in range(eval_lines)))
+    return dst
+
+
+def overrides(root: Path, out_dir: Path, steps: int, threads: int | None) -> list[str]:
+    o = {"data.root": root, "data.download": "false", "train.out_dir": out_dir,
+         "train.run_name": "bench", "train.max_steps": steps, "train.eval_every": 0,
+         "train.checkpoint_every": 0, "train.checkpoint_minutes": 0, "train.tensorboard": "false",
+         "train.progress": "false"}
+    if threads:
+        o["train.threads"] = threads
+    return [f"{k}={v}" for k, v in o.items()]
+
+
+def time_trainer(recipe: str, ov: list[str]) -> list[float]:
+    """Seconds of each step of ``train.main()`` (from one optimizer step to the next)."""
+    stamps: list[float] = []
+    handle = register_optimizer_step_post_hook(
+        lambda *_: stamps.append(time.perf_counter()))
+    try:
+        rc = train_script.main([recipe, *ov])
+    finally:
+        handle.remove()
+    if rc:
+        raise SystemExit(f"train.py exited with {rc}")
+    return [b - a for a, b in zip(stamps, stamps[1:])]
+
+
+def time_bare(recipe: str, ov: list[str], steps: int) -> list[float]:
+    """Seconds of each step of the bare loop over the trainer's model, optimizer, batches."""
+    cfg = load_config(recipe, ov)
+    torch.manual_seed(cfg.train.seed)
+    corpus = open_corpus(cfg.data)
+    dc = cfg.data
+    stream = TrainStream(corpus.train, dc.batch_size, dc.bptt, variable_bptt=dc.variable_bptt,
+                         shuffle=dc.shuffle, seed=cfg.train.seed)
+    model = LanguageModel(cfg.model, len(corpus.vocab))
+    opt = build_optimizer(cfg.optim, model.parameters())
+    params = [p for p in model.parameters() if p.requires_grad]
+    clip = cfg.optim.clip if cfg.optim.clip > 0 else float("inf")
+    model.train()
+    times, state = [], None
+    for i, batch in enumerate(stream.batches(0)):
+        if i == steps:
+            break
+        t0 = time.perf_counter()
+        state = detach_state(state) if dc.carry_state else None
+        logits, state, _ = model(batch.input, state)
+        loss = cross_entropy_sum(logits, batch.target) / batch.target.numel()
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, clip)
+        opt.step()
+        times.append(time.perf_counter() - t0)
+    return times
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--recipes", nargs="+",
+                    default=["recipes/char_ptb.yaml", "recipes/word_ptb.yaml"])
+    ap.add_argument("--steps", type=int, default=12, help="timed steps per loop")
+    ap.add_argument("--warmup", type=int, default=3, help="untimed steps first")
+    ap.add_argument("--threads", type=int, default=None)
+    ap.add_argument("--data-root", default=os.environ.get("LM_DATA_ROOT")
+                    or str(REPO.parent / "shared" / "data" / "ptb"))
+    args = ap.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    n = args.warmup + args.steps
+    print(machine())
+    print()
+    print("| recipe | train.py step (ms) | bare step (ms) | overhead (median) "
+          "| overhead (fastest) | target |")
+    print("|---|---:|---:|---:|---:|---:|")
+    with tempfile.TemporaryDirectory() as tmp:
+        root = small_eval_corpus(Path(args.data_root), Path(tmp) / "ptb")
+        for recipe in args.recipes:
+            ov = overrides(root, Path(tmp) / Path(recipe).stem, n, args.threads)
+            trainer = time_trainer(recipe, ov)[args.warmup:]
+            bare = time_bare(recipe, ov, n)[args.warmup:]
+            t, b = statistics.median(trainer), statistics.median(bare)
+            over, over_min = t / b - 1, min(trainer) / min(bare) - 1
+            print(f"| {recipe} | {t * 1e3:.1f} | {b * 1e3:.1f} | {over * 100:+.1f}% "
+                  f"| {over_min * 100:+.1f}% | <= 5% ({'pass' if over <= 0.05 else 'FAIL'}) |")
+            sys.stdout.flush()
+
+
+if __name__ == "__main__":
+    main()

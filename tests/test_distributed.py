@@ -1,0 +1,180 @@
+"""Data-parallel training under torchrun: 2 CPU processes, gloo, on 127.0.0.1.
+
+The same global batch trained by one process and by two must give the same losses when no
+noise is drawn; a DDP run interrupted by SIGTERM checkpoints once and resumes into the losses
+of an uninterrupted DDP run; rank 0 alone writes the run's files.
+"""
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+
+import train as train_script
+from conftest import REPO, tiny_overrides, write_tiny_ptb
+from lm import checkpoint, distributed
+
+# One thread per process (tiny models run fastest so); the recurrence's kernels fixed rather
+# than timed (lm.nn.kernels picks the fastest by measurement, which can differ from one
+# process to the next and with it the last bits of a product); a crash prints its stack.
+WORKER_ENV = {"OMP_NUM_THREADS": "1", "LM_LSTM_KERNELS": "*=default", "PYTHONFAULTHANDLER": "1"}
+# Every kind of noise of word_ptb.yaml off: the embedding, input, layer and output dropout
+# and the flipout DropConnect of the recurrent weights.
+NO_NOISE = {"model.embedding_dropout": 0, "model.input_dropout": 0, "model.layer_dropout": 0,
+            "model.output_dropout": 0, "model.lstm.weight_drop": 0, "model.lstm.flipout": "false"}
+SHORT = {"train.max_steps": 12, "train.checkpoint_every": 5, "train.eval_every": 6,
+         "train.log_every": 1}
+# Long enough to be interrupted part-way; noise on (flipout DropConnect and dropout).
+LONG = {"train.max_steps": 60, "train.checkpoint_every": 10, "train.log_every": 1,
+        "train.eval_every": 25}
+
+
+def metrics(run_dir):
+    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def torchrun_args(root, out, *extra, **settings):
+    return [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2",
+            "--master_addr=127.0.0.1", f"--master_port={free_port()}", "train.py",
+            "recipes/word_ptb.yaml", *tiny_overrides(root, out, **settings), *extra]
+
+
+def torchrun(root, out, *extra, **settings):
+    return subprocess.run(torchrun_args(root, out, *extra, **settings), cwd=REPO, capture_output=True,
+                          text=True, timeout=300, env={**os.environ, **WORKER_ENV})
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory):
+    return write_tiny_ptb(tmp_path_factory.mktemp("corpus") / "ptb")
+
+
+@pytest.fixture(scope="module")
+def noiseless(corpus, tmp_path_factory):
+    """One process and two, the same global batch of 4, no noise: (one, two, DDP stdout)."""
+    out = tmp_path_factory.mktemp("noiseless")
+    proc = torchrun(corpus, out / "two", **SHORT, **NO_NOISE)
+    assert proc.returncode == 0, proc.stderr
+    cwd = os.getcwd()
+    os.chdir(REPO)
+    try:
+        assert train_script.main(["recipes/word_ptb.yaml",
+                                  *tiny_overrides(corpus, out / "one", **SHORT, **NO_NOISE)]) == 0
+    finally:
+        os.chdir(cwd)
+    return out / "one" / "word_ptb", out / "two" / "word_ptb", proc.stdout
+
+
+def test_ddp_run_completes_and_rank_0_alone_writes(noiseless):
+    _, run, stdout = noiseless
+    assert stdout.count("done after 12 steps") == 1 and "2 processes of 2 columns" in stdout
+    for name in ("config.yaml", "vocab.json", "last.pt", "best.pt", "metrics.jsonl", "run.json"):
+        assert (run / name).is_file(), name
+    assert [p.name for p in checkpoint.numbered(run)] == \
+        ["ckpt-00000005.pt", "ckpt-00000010.pt", "ckpt-00000012.pt"]
+    lines = metrics(run)  # each line once: no second writer
+    assert [l["step"] for l in lines if l["split"] == "train"] == list(range(1, 13))
+    assert [l["step"] for l in lines if l["split"] != "train"] == [6, 12, 12, 12]
+    assert json.loads((run / "run.json").read_text())["tokens_seen"] == 12 * 4 * 10  # global batch
+    last = checkpoint.load(run / "last.pt")
+    # The carried state of all 4 columns (both ranks'), and one generator state per rank.
+    assert [tuple(h.shape) for h, _ in last["hidden"]] == [(4, 16), (4, 16)]
+    assert len(last["rng_ranks"]) == 2
+    assert torch.equal(last["rng"]["torch"], last["rng_ranks"][0]["torch"])
+    assert not torch.equal(last["rng_ranks"][0]["torch"], last["rng_ranks"][1]["torch"])
+
+
+def test_ddp_losses_equal_one_process_of_the_same_global_batch(noiseless):
+    one, two, _ = noiseless
+    a, b = metrics(one), metrics(two)
+    assert [(l["step"], l["split"]) for l in a] == [(l["step"], l["split"]) for l in b]
+    rel = [abs(x["loss"] - y["loss"]) / abs(x["loss"]) for x, y in zip(a, b)]
+    print("one process:", [round(l["loss"], 7) for l in a])
+    print("two processes:", [round(l["loss"], 7) for l in b])
+    print(f"max relative difference {max(rel):.3g} over {len(rel)} losses")
+    assert max(rel) < 1e-5
+    # Validation is split across the ranks and summed: every token scored once.
+    assert [l["tokens"] for l in a if "tokens" in l] == [l["tokens"] for l in b if "tokens" in l]
+    # The weights end up the same too.
+    wa, wb = checkpoint.load(one / "last.pt")["model"], checkpoint.load(two / "last.pt")["model"]
+    for k in wa:
+        assert torch.allclose(wa[k], wb[k], rtol=1e-4, atol=1e-6), k
+
+
+@pytest.fixture(scope="module")
+def reference(corpus, tmp_path_factory):
+    """An uninterrupted DDP run with noise on; interrupted ones must reproduce its metrics."""
+    out = tmp_path_factory.mktemp("reference")
+    proc = torchrun(corpus, out, **LONG)
+    assert proc.returncode == 0, proc.stderr
+    return metrics(out / "word_ptb")
+
+
+def wait_for_steps(run_dir, steps, proc, timeout=120):
+    path, deadline = run_dir / "metrics.jsonl", time.time() + timeout
+    while time.time() < deadline:
+        assert proc.poll() is None, "training finished before it could be interrupted"
+        if path.exists() and sum('"train"' in line for line in path.read_text().splitlines()) >= steps:
+            return
+        time.sleep(0.02)
+    raise AssertionError("training made no progress")
+
+
+def test_sigterm_to_torchrun_checkpoints_once_and_resume_continues_the_losses(corpus, reference, tmp_path):
+    proc = subprocess.Popen(torchrun_args(corpus, tmp_path, **LONG), cwd=REPO, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, env={**os.environ, **WORKER_ENV})
+    run = tmp_path / "word_ptb"
+    wait_for_steps(run, 13, proc)
+    proc.send_signal(signal.SIGTERM)  # torchrun forwards it to both workers
+    out, err = proc.communicate(timeout=120)
+    assert out.count("SIGTERM received") == 1, out + err  # rank 0 alone speaks
+    stopped = int(out.split("stopped after step ")[1].split(";")[0])
+    assert 13 <= stopped < LONG["train.max_steps"]
+    assert "Resume with: torchrun --nproc_per_node=2 train.py" in out
+    # One checkpoint for the signal, at the step where both ranks stopped, besides the periodic ones.
+    names = [p.name for p in checkpoint.numbered(run)]
+    assert names[-1] == f"ckpt-{stopped:08d}.pt"
+    assert all(int(n[5:13]) % 10 == 0 for n in names[:-1])
+    assert checkpoint.load(run / "last.pt")["progress"]["step"] == stopped
+    assert "exitcode  : " not in err  # no worker failed (torchrun lists failed workers so)
+
+    resumed = torchrun(corpus, tmp_path, "--resume", **LONG)
+    assert resumed.returncode == 0, resumed.stderr
+    assert f"(step {stopped})" in resumed.stdout
+    assert metrics(run) == reference
+
+
+def test_noise_seeds_differ_per_rank_and_step():
+    seeds = {distributed.noise_seed(1111, r, s) for r in range(4) for s in (0, 10)}
+    assert len(seeds) == 8 and 1111 not in seeds
+    assert distributed.noise_seed(1111, 1) == distributed.noise_seed(1111, 1, 0)
+
+
+def test_context_from_the_environment_and_column_shares():
+    assert distributed.from_env({}) == distributed.Context()
+    ctx = distributed.from_env({"RANK": "3", "WORLD_SIZE": "4", "LOCAL_RANK": "1",
+                                "LOCAL_WORLD_SIZE": "2"})
+    assert (ctx.rank, ctx.world, ctx.local_rank, ctx.enabled, ctx.main) == (3, 4, 1, True, False)
+    assert distributed.launcher(ctx).startswith("torchrun --nnodes=2 --nproc_per_node=2")
+    shares = [distributed.Context(rank=r, world=3).share(10) for r in range(3)]
+    assert [(s.start, s.stop) for s in shares] == [(0, 3), (3, 6), (6, 10)]
+    with pytest.raises(distributed.ConfigError, match="RANK=5 is not in"):
+        distributed.from_env({"RANK": "5", "WORLD_SIZE": "2"})
+
+
+def test_global_batch_must_split_evenly():
+    distributed.check_batch(distributed.Context(rank=1, world=2), 4)
+    with pytest.raises(distributed.ConfigError, match=r"data.batch_size=5 is the global batch .* "
+                                                      r"multiple of 2"):
+        distributed.check_batch(distributed.Context(rank=1, world=2), 5)

@@ -1,0 +1,132 @@
+"""evaluate.py as a user meets it: warm-up by default, its flags, Ctrl-C, and the wrong file."""
+import json
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+
+import evaluate as evaluate_script
+import train as train_script
+from conftest import REPO, tiny_overrides
+from lm.config import config_from_dict
+from lm.evaluation import eval_warmup
+
+
+@pytest.fixture(autouse=True)
+def _repo_cwd_and_cache(monkeypatch, tmp_path):
+    monkeypatch.chdir(REPO)
+    monkeypatch.setenv("LM_CACHE_DIR", str(tmp_path / "cache"))
+
+
+@pytest.fixture
+def run(tiny_ptb, tmp_path):
+    """A word run of a few steps on the tiny corpus: its run directory."""
+    out = tmp_path / "runs"
+    assert train_script.main(["recipes/word_ptb.yaml", *tiny_overrides(
+        tiny_ptb, out, **{"train.max_steps": 6, "train.checkpoint_every": 3})]) == 0
+    return out / "word_ptb"
+
+
+def evaluate(path, *flags, root):
+    return evaluate_script.run(evaluate_script.parse_args([str(path), "--data-root", str(root),
+                                                           "--no-progress", *flags]))
+
+
+def test_default_is_the_recipes_batch_with_its_warmup(run, tiny_ptb):
+    cfg = config_from_dict(torch.load(run / "best.pt", weights_only=True)["config"])
+    default = evaluate(run / "best.pt", root=tiny_ptb)
+    assert default["batch_size"] == cfg.data.eval_batch_size == 4
+    assert default["warmup"] == eval_warmup(cfg.data) > 0 and default["reset_every"] == 0
+    explicit = evaluate(run / "best.pt", "--warmup", str(eval_warmup(cfg.data)), root=tiny_ptb)
+    assert explicit["loss"] == default["loss"]
+    cold = evaluate(run / "best.pt", "--warmup", "0", root=tiny_ptb)
+    exact = evaluate(run / "best.pt", "--batch-size", "1", root=tiny_ptb)
+    assert cold["tokens"] == default["tokens"] == exact["tokens"]
+    assert abs(default["loss"] - exact["loss"]) < abs(cold["loss"] - exact["loss"])
+
+
+def test_reset_every_and_threads(run, tiny_ptb):
+    exact = evaluate(run / "best.pt", "--batch-size", "1", root=tiny_ptb)
+    reset = evaluate(run / "best.pt", "--reset-every", "5", "--threads", "1", root=tiny_ptb)
+    assert torch.get_num_threads() == 1
+    assert reset["reset_every"] == 5 and reset["warmup"] == 0 and reset["tokens"] == exact["tokens"]
+    assert reset["loss"] != pytest.approx(exact["loss"], rel=1e-6)
+    # The protocol does not depend on the batch: resets fall on the same tokens.
+    reset1 = evaluate(run / "best.pt", "--reset-every", "5", "--batch-size", "1", root=tiny_ptb)
+    assert reset1["loss"] == pytest.approx(reset["loss"], rel=1e-6)
+
+
+@pytest.mark.parametrize("flag, value, message", [
+    ("--warmup", "-1", "--warmup must be >= 0"), ("--reset-every", "0", "--reset-every must be positive"),
+    ("--threads", "0", "--threads must be positive")])
+def test_bad_flags(run, tiny_ptb, capsys, flag, value, message):
+    assert evaluate_script.main([str(run / "best.pt"), "--data-root", str(tiny_ptb), flag, value]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and message in err and len(err.strip().splitlines()) == 1
+
+
+def one_line_error(argv, capsys):
+    assert evaluate_script.main(argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: ") and len(err.splitlines()) == 1
+    return err
+
+
+def test_a_recipe_is_named_as_such(capsys):
+    err = one_line_error(["recipes/char_ptb.yaml"], capsys)
+    assert "is a YAML recipe, not a checkpoint" in err and "python train.py recipes/char_ptb.yaml" in err
+    assert "best.pt" in err and "pickled" not in err
+
+
+def test_a_metrics_log_is_named_as_such(run, capsys):
+    err = one_line_error([str(run / "metrics.jsonl")], capsys)
+    assert "is a metrics log" in err and f"pass {run / 'best.pt'}" in err and "truncated" not in err
+
+
+def test_best_before_the_first_validation_names_last(run, capsys):
+    (run / "best.pt").unlink()  # as before the first validation
+    err = one_line_error([str(run / "best.pt")], capsys)
+    assert "best.pt is written at the run's first validation" in err and str(run / "last.pt") in err
+
+
+def test_a_truncated_checkpoint_is_still_called_truncated(run, tmp_path, capsys):
+    cut = tmp_path / "cut.pt"
+    cut.write_bytes((run / "last.pt").read_bytes()[:5000])
+    assert "truncated or corrupted" in one_line_error([str(cut)], capsys)
+
+
+def test_ctrl_c_is_one_line_and_exit_130(run, tiny_ptb):
+    lines = (tiny_ptb / "ptb.test.txt").read_text().splitlines(keepends=True)
+    (tiny_ptb / "ptb.test.txt").write_text("".join(lines * 300))  # long enough to be caught scoring
+    proc = subprocess.Popen([sys.executable, "evaluate.py", str(run / "best.pt"),
+                             "--data-root", str(tiny_ptb), "--batch-size", "1", "--bptt", "1"],
+                            cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    seen, deadline = b"", time.monotonic() + 120
+    while b"scoring" not in seen and time.monotonic() < deadline:  # the bar is up: scoring has begun
+        chunk = proc.stderr.read1(4096)
+        if not chunk and proc.poll() is not None:
+            break
+        seen += chunk
+    assert b"scoring" in seen, seen
+    proc.send_signal(signal.SIGINT)
+    out, err = proc.communicate(timeout=60)
+    err = (seen + err).decode()
+    assert proc.returncode == 130, err
+    assert "Traceback" not in err and "KeyboardInterrupt" not in err
+    assert err.strip().splitlines()[-1].startswith("interrupted: scoring") and out == b""
+
+
+def test_train_scores_with_the_same_warmup(run, tiny_ptb):
+    lines = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    final = {line["split"]: line["loss"] for line in lines if line.get("best")}
+    for split in ("valid", "test"):
+        warm = evaluate(run / "best.pt", "--split", split, root=tiny_ptb)
+        cold = evaluate(run / "best.pt", "--split", split, "--warmup", "0", root=tiny_ptb)
+        assert final[split] == pytest.approx(warm["loss"], rel=1e-9)
+        assert final[split] != pytest.approx(cold["loss"], rel=1e-9)
+    # The per-evaluation validation that saved best.pt scored it the same way.
+    during = [line["loss"] for line in lines if line["split"] == "valid" and not line.get("best")]
+    assert min(during) == pytest.approx(final["valid"], rel=1e-9)

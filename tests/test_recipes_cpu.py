@@ -1,0 +1,110 @@
+"""Recipe inheritance (``base:``), the reduced-scale recipes and the training-split prefix."""
+import dataclasses
+
+import pytest
+
+import train as train_script
+from conftest import REPO, run_cli, tiny_overrides
+from lm.config import load_config
+from lm.errors import ConfigError
+
+CPU_RECIPES = sorted((REPO / "recipes" / "cpu").glob("*.yaml"))
+SCALE_FIELDS = {"data.train_tokens", "data.eval_batch_size", "model.hidden_size",
+                "model.embedding_size", "train.epochs", "train.patience", "train.log_every",
+                "train.eval_every", "train.run_name"}
+
+
+def flat(d, prefix=""):
+    out = {}
+    for k, v in d.items():
+        out.update(flat(v, f"{prefix}{k}.") if isinstance(v, dict) else {f"{prefix}{k}": v})
+    return out
+
+
+def full_size_recipe(path):
+    """The paper recipe a reduced one extends: the first entry of its ``base:`` list."""
+    import yaml
+    base = yaml.safe_load(path.read_text())["base"]
+    return (path.parent / (base[0] if isinstance(base, list) else base)).resolve()
+
+
+def test_every_table_row_has_a_cpu_recipe():
+    stems = {p.stem for p in CPU_RECIPES}
+    assert {"char_unregularized", "char_semeniuta", "char_zoneout", "char_gal", "char_mult_gauss",
+            "char_mult_gauss_flipout", "word_unregularized", "word_zaremba", "word_semeniuta",
+            "word_gal", "word_zoneout", "word_wd", "word_wd_flipout"} <= stems
+
+
+@pytest.mark.parametrize("recipe", CPU_RECIPES, ids=lambda p: p.stem)
+def test_cpu_recipe_changes_only_scale(recipe):
+    """Every regularizer, optimizer and batch-layout setting is the full-size recipe's."""
+    small, full = load_config(recipe), load_config(full_size_recipe(recipe))
+    a, b = flat(small.to_dict()), flat(full.to_dict())
+    changed = {k for k in a if a[k] != b[k]}
+    assert changed <= SCALE_FIELDS, changed - SCALE_FIELDS
+    assert small.data.train_tokens > 0 and small.paper.row == full.paper.row
+    assert small.paper.row and small.paper.valid and small.paper.test
+
+
+@pytest.mark.parametrize("recipe", CPU_RECIPES, ids=lambda p: p.stem)
+def test_cpu_recipe_dry_runs_and_trains_two_steps(recipe, tiny_ptb, tmp_path):
+    assert run_cli("train.py", recipe, "--dry-run").returncode == 0
+    # The tiny corpus is smaller than the recipe's prefix of the training split, so use all of it.
+    over = tiny_overrides(tiny_ptb, tmp_path, **{"train.max_steps": 2, "data.train_tokens": 0})
+    assert train_script.main([str(recipe), *over]) == 0
+    assert (tmp_path / recipe.stem / "best.pt").is_file()
+
+
+def test_base_list_merges_in_order_and_own_keys_win(tmp_path):
+    (tmp_path / "a.yaml").write_text("model:\n  hidden_size: 10\n  num_layers: 3\ntrain:\n  epochs: 7\n")
+    (tmp_path / "b.yaml").write_text("model:\n  hidden_size: 20\n")
+    (tmp_path / "sub").mkdir()
+    (tmp_path / "sub" / "c.yaml").write_text("base: [../a.yaml, ../b.yaml]\ntrain:\n  epochs: 9\n")
+    cfg = load_config(tmp_path / "sub" / "c.yaml", ["model.num_layers=4"])
+    assert (cfg.model.hidden_size, cfg.model.num_layers, cfg.train.epochs) == (20, 4, 9)
+    assert cfg.train.run_name == "c"
+    assert "base" not in cfg.to_dict()
+
+
+@pytest.mark.parametrize("text, message", [
+    ("base: missing.yaml\n", "base recipe 'missing.yaml' not found"),
+    ("base: 3\n", "base must be the path of another recipe"),
+    ("base: [self.yaml]\n", "recipes cannot inherit in a cycle"),
+])
+def test_base_errors(tmp_path, text, message):
+    (tmp_path / "self.yaml").write_text(text)
+    with pytest.raises(ConfigError, match=message):
+        load_config(tmp_path / "self.yaml")
+
+
+def test_unknown_key_in_a_base_is_an_error(tmp_path):
+    (tmp_path / "a.yaml").write_text("model:\n  hiden_size: 10\n")
+    (tmp_path / "b.yaml").write_text("base: a.yaml\n")
+    with pytest.raises(ConfigError, match="did you mean 'model.hidden_size'"):
+        load_config(tmp_path / "b.yaml")
+
+
+def test_train_tokens_takes_a_prefix(tiny_ptb, tmp_path):
+    over = tiny_overrides(tiny_ptb, tmp_path, **{"train.epochs": 1, "data.train_tokens": 200,
+                                                "data.bptt": 10, "data.batch_size": 4})
+    assert train_script.main(["recipes/word_ptb.yaml", *over]) == 0
+    import json
+    summary = json.loads((tmp_path / "word_ptb" / "run.json").read_text())
+    # 200 tokens in 4 columns of 50: 49 predicted rows, 5 batches of at most 10 rows.
+    assert summary["steps"] == 5 and summary["tokens_seen"] == 49 * 4
+
+
+def test_train_tokens_beyond_the_split_is_an_error(tiny_ptb, tmp_path):
+    proc = run_cli("train.py", "recipes/word_ptb.yaml",
+                   *tiny_overrides(tiny_ptb, tmp_path, **{"data.train_tokens": 10**9}))
+    assert proc.returncode == 2
+    assert "data.train_tokens=1,000,000,000 exceeds the training split" in proc.stderr
+    with pytest.raises(ConfigError, match="data.train_tokens: must be >= 0"):
+        load_config("recipes/word_ptb.yaml", ["data.train_tokens=-1"])
+
+
+def test_paper_section_is_checked():
+    with pytest.raises(ConfigError, match="paper.valid: must be a positive score"):
+        load_config("recipes/word_ptb.yaml", ["paper.valid=-3"])
+    assert dataclasses.asdict(load_config("recipes/char_ptb.yaml").paper) == \
+        {"row": "Table 2: Mult. Gauss + Flipout", "valid": 1.256, "test": 1.227}

@@ -1,0 +1,197 @@
+"""lm.sweep (recipes x seeds, skip / resume / fail and go on) and lm.report (tables, curves)."""
+import csv
+import json
+import statistics
+import struct
+
+import pytest
+
+import train as train_script
+from conftest import REPO, run_cli
+from lm import checkpoint, report, sweep
+from test_train import Crash, crash_at
+
+
+@pytest.fixture(autouse=True)
+def _repo_cwd(monkeypatch):
+    monkeypatch.chdir(REPO)
+
+
+def tiny(data_root, **extra):
+    """Overrides for a seconds-long run (the sweep sets out_dir, run_name and seed itself)."""
+    base = {"data.root": data_root, "data.download": "false", "data.batch_size": 4,
+            "data.bptt": 10, "data.eval_batch_size": 4, "model.hidden_size": 16,
+            "model.embedding_size": 16, "train.log_every": 2, "train.tensorboard": "false",
+            "train.progress": "false", "train.max_steps": 6, "train.eval_every": 3}
+    base.update(extra)
+    return [f"{k}={v}" for k, v in base.items()]
+
+
+def lines(run_dir):
+    return [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+SWEEP_NAMES = ["char_gal-s3", "char_gal-s4", "word_wd-s3", "word_wd-s4"]
+
+
+@pytest.fixture(scope="module")
+def swept(tmp_path_factory):
+    """Two recipes (one character, one word) over two seeds, swept once for several tests."""
+    from conftest import write_tiny_ptb
+    root = tmp_path_factory.mktemp("swept")
+    data = write_tiny_ptb(root / "tiny_ptb")
+    args = ["recipes/char_gal.yaml", "recipes/word_wd.yaml", "--seeds", "3,4", "--out",
+            str(root / "sweep"), *tiny(data)]
+    proc = run_cli("-m", "lm.sweep", *args)
+    return root / "sweep", args, proc
+
+
+def test_sweep_runs_each_recipe_and_seed_then_skips_them(swept, capsys):
+    out, args, proc = swept
+    assert proc.returncode == 0, proc.stderr
+    for name in SWEEP_NAMES:
+        run = out / name
+        assert lines(run)[-1]["split"] == "test"
+        assert f"train.seed={name[-1]}" in (run / "train.log").read_text()
+        metric = "bpc" if name.startswith("char") else "ppl"
+        assert f"{name:<32} done     valid {metric}" in proc.stdout
+    assert sorted(p.name for p in out.iterdir()) == SWEEP_NAMES
+    # Different seeds really are different runs.
+    assert lines(out / "word_wd-s3") != lines(out / "word_wd-s4")
+    before = {n: (out / n / "metrics.jsonl").stat().st_mtime_ns for n in SWEEP_NAMES}
+    assert sweep.main(args) == 0
+    assert capsys.readouterr().out.count(", skipped") == 4
+    assert before == {n: (out / n / "metrics.jsonl").stat().st_mtime_ns for n in SWEEP_NAMES}
+
+
+def test_sweep_resumes_an_interrupted_run_exactly(tiny_ptb, tmp_path, monkeypatch):
+    over = tiny(tiny_ptb, **{"train.checkpoint_every": 2, "train.log_every": 1, "train.max_steps": 9})
+    reference = tmp_path / "ref"
+    assert sweep.main(["recipes/word_ptb.yaml", "--seeds", "5", "--out", str(reference), *over]) == 0
+    out = tmp_path / "sweep"
+    with monkeypatch.context() as m:  # a machine that dies at step 5, as train.py would run it
+        crash_at(m, 5)
+        with pytest.raises(Crash):
+            train_script.main(["recipes/word_ptb.yaml", *over, "train.seed=5", f"train.out_dir={out}",
+                               "train.run_name=word_ptb-s5"])
+    job = sweep.plan(sweep.parse_args(["recipes/word_ptb.yaml", "--seeds", "5", "--out", str(out), *over]))[0]
+    assert job.state() == "interrupted" and job.command()[-1] == "--resume"
+    assert checkpoint.load(out / "word_ptb-s5" / "last.pt")["progress"]["step"] == 4
+    assert sweep.main(["recipes/word_ptb.yaml", "--seeds", "5", "--out", str(out), *over]) == 0
+    assert lines(out / "word_ptb-s5") == lines(reference / "word_ptb-s5")
+
+
+def test_a_failed_run_is_reported_and_the_sweep_goes_on(tiny_ptb, tmp_path, capsys):
+    out = tmp_path / "sweep"
+    (tmp_path / "bad.yaml").write_text(f"base: {REPO / 'recipes/word_wd.yaml'}\n"
+                                       f"data:\n  root: {tmp_path / 'no_corpus_here'}\n")
+    (tmp_path / "good.yaml").write_text(f"base: {REPO / 'recipes/word_wd.yaml'}\n"
+                                        f"data:\n  root: {tiny_ptb}\n")
+    over = [o for o in tiny(tiny_ptb) if not o.startswith("data.root=")]
+    code = sweep.main([str(tmp_path / "bad.yaml"), str(tmp_path / "good.yaml"), "--seeds", "1",
+                       "--out", str(out), *over])
+    assert code == 1
+    captured = capsys.readouterr()
+    assert "bad-s1                           failed   error: PTB files missing" in captured.out
+    assert "good-s1                          done" in captured.out  # the sweep went on
+    assert "1 of 2 runs failed:\n  bad-s1: error: PTB files missing" in captured.err
+    assert lines(out / "good-s1")[-1]["split"] == "test"
+
+
+def test_sweep_rejects_bad_plans_before_running(tiny_ptb, tmp_path):
+    for args, message in [
+        (["recipes/word_ptb.yaml", "--seeds", "1,a"], "is not a comma-separated list of integers"),
+        (["recipes/word_ptb.yaml", "--seeds", "1,1"], "repeats a seed"),
+        (["recipes/word_ptb.yaml", "--seeds", "1", "train.seed=3"], "use --seeds and --out"),
+        (["recipes/word_ptb.yaml", "--seeds", "1", "model.hiden_size=3"], "did you mean 'model.hidden_size'"),
+        (["recipes/char_gal.yaml", "recipes/cpu/char_gal.yaml", "--seeds", "1"], "would share the run names"),
+        (["--seeds", "1", "a=b"], "no recipe given"),
+    ]:
+        proc = run_cli("-m", "lm.sweep", *args, "--out", str(tmp_path / "x"))
+        assert proc.returncode == 2, args
+        err = proc.stderr.strip().splitlines()
+        assert len(err) == 1 and err[0].startswith("error: ") and message in err[0], (args, err)
+    assert not (tmp_path / "x").exists()
+
+
+def test_print_commands(tiny_ptb, tmp_path):
+    out = tmp_path / "sweep"
+    proc = run_cli("-m", "lm.sweep", "recipes/word_ptb.yaml", "--seeds", "1,2", "--out", out,
+                   "--print-commands", *tiny(tiny_ptb))
+    assert proc.returncode == 0
+    cmds = proc.stdout.strip().splitlines()
+    assert len(cmds) == 2 and all(c.startswith("python train.py recipes/word_ptb.yaml ") for c in cmds)
+    assert "train.seed=2" in cmds[1] and f"train.run_name=word_ptb-s2" in cmds[1]
+    assert not out.exists()  # printing runs nothing
+    # The printed command is the real one: run it, and the sweep counts the run as done.
+    args = cmds[0].split()[2:]
+    assert run_cli("train.py", *args).returncode == 0
+    again = run_cli("-m", "lm.sweep", "recipes/word_ptb.yaml", "--seeds", "1,2", "--out", out,
+                    "--print-commands", *tiny(tiny_ptb)).stdout.splitlines()
+    assert again[0] == "# word_ptb-s1: done" and again[1] == cmds[1]
+
+
+def png_size(path):
+    data = path.read_bytes()
+    assert data[:8] == b"\x89PNG\r\n\x1a\n" and data[12:16] == b"IHDR"
+    return struct.unpack(">II", data[16:24])
+
+
+def test_report_two_groups_of_two_seeds(swept, tmp_path, capsys):
+    runs = swept[0]
+    out = tmp_path / "report"
+    assert report.main([str(runs), "--out", str(out)]) == 0
+    printed = capsys.readouterr().out
+    expected = {}
+    for recipe, metric in (("char_gal", "bpc"), ("word_wd", "ppl")):
+        valid = [lines(runs / f"{recipe}-s{s}")[-2][metric] for s in (3, 4)]
+        test = [lines(runs / f"{recipe}-s{s}")[-1][metric] for s in (3, 4)]
+        expected[recipe] = (statistics.mean(valid), statistics.stdev(valid),
+                            statistics.mean(test), statistics.stdev(test))
+    md = (out / "results.md").read_text()
+    assert md in printed
+    rows = [line for line in md.splitlines() if line.startswith("| char_gal") or line.startswith("| word_wd")]
+    assert len(rows) == 2
+    vm, vs, tm, ts = expected["char_gal"]
+    assert f"| 3,4 |" in rows[0] and f"{vm:.3f} ± {vs:.3f}" in rows[0] and f"{tm:.3f} ± {ts:.3f}" in rows[0]
+    assert "Table 2: Gal (2016)" in rows[0] and "1.277" in rows[0]
+    vm, vs, tm, ts = expected["word_wd"]
+    assert f"{vm:.2f} ± {vs:.2f}" in rows[1] and f"{tm:.2f} ± {ts:.2f}" in rows[1]
+    assert "Table 3: WD (2017)" in rows[1] and "78.82" in rows[1]
+
+    with open(out / "results.csv", newline="") as f:
+        table = list(csv.DictReader(f))
+    as_json = json.loads((out / "results.json").read_text())["groups"]
+    assert [r["recipe"] for r in table] == [g["recipe"] for g in as_json] == ["char_gal", "word_wd"]
+    for row, group in zip(table, as_json):
+        e = expected[row["recipe"]]
+        assert float(row["valid_mean"]) == pytest.approx(e[0]) == group["valid_mean"]
+        assert float(row["valid_sd"]) == pytest.approx(e[1]) == group["valid_sd"]
+        assert float(row["test_mean"]) == pytest.approx(e[2]) == group["test_mean"]
+        assert float(row["test_sd"]) == pytest.approx(e[3]) == group["test_sd"]
+        assert row["seeds"] == "3 4" and [r["seed"] for r in group["runs"]] == [3, 4]
+        assert int(row["parameters"]) == group["parameters"] > 0
+        assert float(row["tokens_per_s"]) > 0
+    width, height = png_size(out / "curves.png")
+    assert width > 600 and height > 500 and (out / "curves.png").stat().st_size > 20_000
+
+
+def test_report_groups_ignore_seed_but_not_settings(tiny_ptb, tmp_path):
+    runs = tmp_path / "sweep"
+    for lr in (1.0, 2.0):
+        assert sweep.main(["recipes/word_wd.yaml", "--seeds", "1", "--out", str(runs / f"lr{lr}"),
+                           *tiny(tiny_ptb), f"optim.lr={lr}"]) == 0
+    groups = report.group_runs(report.find_runs([runs]))
+    assert len(groups) == 2 and all(len(g.runs) == 1 for g in groups)
+    row = groups[0].summary()
+    assert row["valid_sd"] is None and "±" not in report.fmt_mean_sd(row["valid_mean"], None, "ppl")
+
+
+def test_report_errors(tmp_path):
+    (tmp_path / "empty").mkdir()
+    for args, message in [([str(tmp_path / "nope")], "does not exist"),
+                          ([str(tmp_path / "empty")], "holds no run directories"),
+                          ([str(tmp_path / "empty"), "--x", "time"], "must be one of epochs, steps, wall")]:
+        proc = run_cli("-m", "lm.report", *args, "--out", tmp_path / "r")
+        assert proc.returncode == 2 and message in proc.stderr, (args, proc.stderr)
+        assert len(proc.stderr.strip().splitlines()) == 1

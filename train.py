@@ -29,7 +29,7 @@ import torch
 from tqdm import tqdm
 
 from lm import checkpoint, distributed, fileio, runlock
-from lm.config import Config, load_config, resolve_device
+from lm.config import Config, flat, load_config, resolve_device
 from lm.data import TrainStream, open_corpus
 from lm.errors import CheckpointError, UserError
 from lm.evaluation import eval_warmup, evaluate, figures, headline, raw_bpc
@@ -150,14 +150,6 @@ def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed % 2**32)
     torch.manual_seed(seed)
-
-
-def flat(d: dict, prefix: str = "") -> dict:
-    out = {}
-    for k, v in d.items():
-        key = f"{prefix}{k}"
-        out.update(flat(v, key + ".") if isinstance(v, dict) else {key: v})
-    return out
 
 
 def check_resumable(cfg: Config, saved: dict, path: Path) -> None:

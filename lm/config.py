@@ -170,6 +170,15 @@ class Config:
         return yaml.safe_dump(self.to_dict(), sort_keys=False)
 
 
+def flat(d: dict, prefix: str = "") -> dict:
+    """A nested mapping as ``{"section.key": value}`` (how overrides and diffs name fields)."""
+    out = {}
+    for k, v in d.items():
+        key = f"{prefix}{k}"
+        out.update(flat(v, key + ".") if isinstance(v, dict) else {key: v})
+    return out
+
+
 def _plain(obj):
     """Tuples become lists so that YAML and torch.load(weights_only=True) both read them back."""
     if isinstance(obj, dict):

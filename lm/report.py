@@ -32,6 +32,7 @@ from pathlib import Path
 
 import numpy as np
 
+from lm.config import flat
 from lm.errors import UserError
 from lm.runs import Run, find_runs
 
@@ -57,13 +58,6 @@ def mean_sd(values: list) -> tuple:
     if not values:
         return None, None
     return statistics.fmean(values), (statistics.stdev(values) if len(values) > 1 else None)
-
-
-def flat(d: dict, prefix: str = "") -> dict:
-    out = {}
-    for k, v in d.items():
-        out.update(flat(v, f"{prefix}{k}.") if isinstance(v, dict) else {f"{prefix}{k}": v})
-    return out
 
 
 @dataclass
@@ -325,10 +319,10 @@ def main(argv=None) -> int:
         bad = [a for a in axes if a not in AXES]
         if bad or not axes:
             raise UserError(f"--x {args.x!r}: each axis must be one of {', '.join(AXES)}")
-        groups = group_runs(find_runs(args.paths))
+        pairs = [(g, g.summary()) for g in group_runs(find_runs(args.paths))]
         # Worst first, as the paper's tables run: by level, then mean validation score.
-        groups.sort(key=lambda g: (g.metric != "bpc", -(g.summary()["valid_mean"] or math.inf)))
-        rows = [g.summary() for g in groups]
+        pairs.sort(key=lambda gr: (gr[1]["metric"] != "bpc", -(gr[1]["valid_mean"] or math.inf)))
+        groups, rows = [g for g, _ in pairs], [r for _, r in pairs]
         out = Path(args.out)
         try:
             out.mkdir(parents=True, exist_ok=True)

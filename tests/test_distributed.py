@@ -10,7 +10,6 @@ import signal
 import socket
 import subprocess
 import sys
-import time
 
 import pytest
 import torch
@@ -18,6 +17,7 @@ import torch
 import train as train_script
 from conftest import REPO, tiny_overrides, write_tiny_ptb
 from lm import checkpoint, distributed
+from test_reliability import wait_for_steps
 
 # One thread per process (tiny models run fastest so); the recurrence's kernels fixed rather
 # than timed (lm.nn.kernels picks the fastest by measurement, which can differ from one
@@ -119,16 +119,6 @@ def reference(corpus, tmp_path_factory):
     proc = torchrun(corpus, out, **LONG)
     assert proc.returncode == 0, proc.stderr
     return metrics(out / "word_ptb")
-
-
-def wait_for_steps(run_dir, steps, proc, timeout=120):
-    path, deadline = run_dir / "metrics.jsonl", time.time() + timeout
-    while time.time() < deadline:
-        assert proc.poll() is None, "training finished before it could be interrupted"
-        if path.exists() and sum('"train"' in line for line in path.read_text().splitlines()) >= steps:
-            return
-        time.sleep(0.02)
-    raise AssertionError("training made no progress")
 
 
 def test_sigterm_to_torchrun_checkpoints_once_and_resume_continues_the_losses(corpus, reference, tmp_path):

@@ -5,20 +5,13 @@ import pytest
 
 import train as train_script
 from conftest import REPO, run_cli, tiny_overrides
-from lm.config import load_config
+from lm.config import flat, load_config
 from lm.errors import ConfigError
 
 CPU_RECIPES = sorted((REPO / "recipes" / "cpu").glob("*.yaml"))
 SCALE_FIELDS = {"data.train_tokens", "data.eval_batch_size", "model.hidden_size",
                 "model.embedding_size", "train.epochs", "train.patience", "train.log_every",
                 "train.eval_every", "train.run_name"}
-
-
-def flat(d, prefix=""):
-    out = {}
-    for k, v in d.items():
-        out.update(flat(v, f"{prefix}{k}.") if isinstance(v, dict) else {f"{prefix}{k}": v})
-    return out
 
 
 def full_size_recipe(path):

@@ -5,7 +5,7 @@
 Overrides are ``key=value`` with YAML values, e.g. ``batch_sizes=[1,2,4,8] repeats=20
 estimates=3 checkpoint=null model.hidden_size=64``. Prints a markdown table (batch size,
 gate, shared and flipout variance with 95% CIs, their ratio) and the fitted log-log slopes,
-and writes results.json / results.csv into ``out_dir``. See lm/grad_variance.py for the
+and writes results.json, results.csv and variance.png (the figure) into ``out_dir``. See lm/grad_variance.py for the
 method and recipes/grad_variance.yaml for the paper's settings and a reduced CPU run.
 """
 from __future__ import annotations
@@ -37,7 +37,7 @@ def main(argv=None) -> int:
         print(f"error: {' '.join(str(exc).split())}", file=sys.stderr)
         return 2
     print(gv.markdown(result), end="")
-    print(f"\nwrote {jpath} and {cpath}")
+    print(f"\nwrote {jpath}, {cpath} and {jpath.parent / 'variance.png'}")
     return 0
 
 

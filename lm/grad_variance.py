@@ -426,8 +426,41 @@ def _finite_or_none(obj):
     return obj
 
 
+def plot(result: dict, path: Path) -> None:
+    """Figure 1c: variance against batch size on log-log axes, one panel per gate block,
+    shared and flipout with their 95% CIs, and a slope -1 line through flipout at N = 1."""
+    import matplotlib
+    matplotlib.use("Agg")  # no display needed, and never one picked up by accident
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, len(GATES), figsize=(3.6 * len(GATES), 3.4), sharey=True)
+    for ax, gate in zip(axes, GATES):
+        rows = [r for r in result["rows"] if r["gate"] == gate]
+        ns = [r["batch_size"] for r in rows]
+        for method, colour in zip(METHODS, ("tab:red", "tab:blue")):
+            mean = [r[f"{method}_mean"] for r in rows]
+            lo = [r[f"{method}_ci_lo"] for r in rows]
+            hi = [r[f"{method}_ci_hi"] for r in rows]
+            slope = result["slopes"][method][gate]["slope"]
+            ax.plot(ns, mean, "o-", color=colour, ms=3, label=f"{method} (slope {slope:.2f})")
+            if all(math.isfinite(x) for x in lo + hi):
+                ax.fill_between(ns, lo, hi, color=colour, alpha=0.2)
+        v1 = rows[0]["flipout_mean"]
+        ax.plot(ns, [v1 * ns[0] / n for n in ns], "k:", lw=1, label="1/N")
+        ax.set_xscale("log", base=2)
+        ax.set_yscale("log")
+        ax.set_title(f"gate {gate}")
+        ax.set_xlabel("mini-batch size N")
+        ax.grid(alpha=0.3, which="both")
+        ax.legend(fontsize=7)
+    axes[0].set_ylabel("gradient variance of W_hh (layer 1)")
+    fig.tight_layout()
+    fig.savefig(path, dpi=90)
+    plt.close(fig)
+
+
 def write_outputs(result: dict, out_dir) -> tuple[Path, Path]:
-    """results.json (everything, strict JSON) and results.csv (the table rows)."""
+    """results.json (everything, strict JSON), results.csv (the table rows) and variance.png."""
     out = Path(out_dir)
     try:
         out.mkdir(parents=True, exist_ok=True)
@@ -438,6 +471,7 @@ def write_outputs(result: dict, out_dir) -> tuple[Path, Path]:
             w = csv.DictWriter(f, fieldnames=fields)
             w.writeheader()
             w.writerows(result["rows"])
+        plot(result, out / "variance.png")
     except OSError as exc:
         raise UserError(f"cannot write results to {out}: {exc.strerror or exc}; "
                         f"set out_dir=FOLDER to a writable folder") from None

@@ -1,6 +1,7 @@
 """Compare runs: a table of scores over seeds, beside the paper's, and their curves.
 
     python -m lm.report RUN_DIR [RUN_DIR ...] [--out DIR] [--x epochs|steps|wall[,...]]
+                        [--reach SCORE]
 
 Each argument is a run directory or a folder holding run directories (searched recursively).
 Runs whose resolved configs differ only in ``train.seed`` (and in where they were written or
@@ -13,6 +14,11 @@ deviation over the group's seeds (``s = sqrt(Σ(x - x̄)² / (n - 1))``; no sd f
 per character for character runs, perplexity for word runs (one table each). A run that has
 not finished shows its best validation so far, no test score, and a ``*`` after its seed.
 The paper's figures come from the recipe's optional ``paper:`` section.
+
+``--reach SCORE`` adds how fast each group got there: the step and the wall time of the first
+evaluation whose validation score is at most SCORE, mean ± sd over the seeds that reached it
+(and how many did), which is how the large-batch claim (flipout reaches a given validation
+loss in fewer steps than a shared perturbation) is read off.
 
 Writes ``results.md``, ``results.csv``, ``results.json`` and ``curves.png`` (validation score
 against each ``--x`` axis, one colour per group, the seeds' min-max spread shaded; a last panel
@@ -29,6 +35,7 @@ import statistics
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Optional
 
 import numpy as np
 
@@ -83,7 +90,7 @@ class Group:
     def paper(self) -> dict:
         return self.first.config.get("paper") or {}
 
-    def summary(self) -> dict:
+    def summary(self, reach: Optional[float] = None) -> dict:
         """The group's row: every figure the table, CSV and JSON show."""
         valid = [r.score(r.best_valid()) for r in self.runs]
         test = [r.score(r.final("test")) for r in self.runs]
@@ -95,6 +102,7 @@ class Group:
         rate = [r.summary.get("tokens_per_s") for r in self.runs]
         wall = [r.summary.get("wall_seconds") for r in self.runs]
         epochs = [r.epochs for r in self.runs]
+        reached = [r.reached(reach) if reach is not None else (None, None) for r in self.runs]
         return {
             "recipe": self.name, "level": self.first.level, "metric": self.metric,
             "parameters": self.first.summary.get("parameters"),
@@ -106,6 +114,8 @@ class Group:
             "paper_row": self.paper.get("row"), "paper_valid": self.paper.get("valid"),
             "paper_test": self.paper.get("test"),
             "tokens_per_s": mean_sd(rate)[0], "wall_seconds": mean_sd(wall)[0],
+            "reach": reach, "reach_steps": [s for s, _ in reached],
+            "reach_wall": [w for _, w in reached],
             "runs": [{"name": r.name, "path": str(r.path), "seed": r.seed, "finished": r.done,
                       "steps": r.steps, "epochs": r.epochs, "valid": v, "test": t,
                       "tokens_per_s": r.summary.get("tokens_per_s"),
@@ -179,6 +189,16 @@ def fmt_range(values: list, fmt: str) -> str:
     return fmt.format(lo) if lo == hi else f"{fmt.format(lo)}–{fmt.format(hi)}"
 
 
+def fmt_reached(values: list, fmt: str) -> str:
+    """Mean ± sd over the seeds that reached the score, and how many of all did."""
+    got = [v for v in values if v is not None]
+    if not got:
+        return f"not reached (0/{len(values)})"
+    mean, sd = mean_sd(got)
+    return (fmt.format(mean) + (f" ± {fmt.format(sd)}" if sd is not None else "")
+            + (f" ({len(got)}/{len(values)})" if len(got) < len(values) else ""))
+
+
 def markdown(rows: list) -> str:
     """One table per headline metric (bpc, then ppl), in the order given."""
     out = []
@@ -187,12 +207,15 @@ def markdown(rows: list) -> str:
         if not mine:
             continue
         raw = any(r["valid_bpc_raw"] is not None for r in mine)
+        reach = mine[0]["reach"]
         out.append(f"### {title} ({metric}), mean ± sd over seeds\n")
         out.append("| recipe | parameters | seeds | steps | epochs | valid | test "
                    + ("| valid bpc (raw text) | test bpc (raw text) " if raw else "")
-                   + "| paper row | paper valid | paper test | tokens/s | wall |")
+                   + "| paper row | paper valid | paper test | tokens/s | wall |"
+                   + (f" steps to valid ≤ {fmt_score(reach, metric)} | wall to valid ≤ "
+                      f"{fmt_score(reach, metric)} |" if reach is not None else ""))
         out.append("|---|---:|---|---:|---:|---:|---:|" + ("---:|---:|" if raw else "")
-                   + "---|---:|---:|---:|---:|")
+                   + "---|---:|---:|---:|---:|" + ("---:|---:|" if reach is not None else ""))
         for r in mine:
             seeds = ",".join(f"{s}{'' if done else '*'}" for s, done in zip(r["seeds"], r["finished"]))
             params = f"{r['parameters']:,}" if r["parameters"] else "–"
@@ -205,7 +228,9 @@ def markdown(rows: list) -> str:
                 + (f"| {fmt_score(r['valid_bpc_raw'], 'bpc')} | {fmt_score(r['test_bpc_raw'], 'bpc')} "
                    if raw else "")
                 + f"| {r['paper_row'] or '–'} | {fmt_score(r['paper_valid'], metric)} "
-                f"| {fmt_score(r['paper_test'], metric)} | {rate} | {fmt_duration(r['wall_seconds'])} |")
+                f"| {fmt_score(r['paper_test'], metric)} | {rate} | {fmt_duration(r['wall_seconds'])} |"
+                + (f" {fmt_reached(r['reach_steps'], '{:,.0f}')} "
+                   f"| {fmt_reached(r['reach_wall'], '{:,.0f} s')} |" if reach is not None else ""))
         out.append("")
     if any(not all(r["finished"]) for r in rows):
         out.append("`*`: the run has not finished; its best validation so far is counted, its test is not.\n")
@@ -215,7 +240,8 @@ def markdown(rows: list) -> str:
 CSV_FIELDS = ("recipe", "level", "metric", "parameters", "seeds", "n", "steps_min", "steps_max",
               "epochs_max", "valid_mean", "valid_sd", "test_mean", "test_sd", "valid_bpc_raw",
               "test_bpc_raw", "paper_row",
-              "paper_valid", "paper_test", "tokens_per_s", "wall_seconds")
+              "paper_valid", "paper_test", "tokens_per_s", "wall_seconds", "reach",
+              "reach_steps_mean", "reach_wall_mean", "reach_n")
 
 
 def to_csv(rows: list) -> str:
@@ -229,7 +255,10 @@ def to_csv(rows: list) -> str:
                          "seeds": " ".join(map(str, r["seeds"])), "n": len(r["seeds"]),
                          "steps_min": min(steps) if steps else None,
                          "steps_max": max(steps) if steps else None,
-                         "epochs_max": max(epochs) if epochs else None})
+                         "epochs_max": max(epochs) if epochs else None,
+                         "reach_steps_mean": mean_sd(r["reach_steps"])[0],
+                         "reach_wall_mean": mean_sd(r["reach_wall"])[0],
+                         "reach_n": sum(v is not None for v in r["reach_steps"])})
     return buf.getvalue()
 
 
@@ -309,6 +338,8 @@ def parse_args(argv):
     p.add_argument("--out", default=".", help="folder for results.{md,csv,json} and curves.png (default .)")
     p.add_argument("--x", default="epochs",
                    help="comma-separated x axes of the validation curves: epochs, steps, wall (default epochs)")
+    p.add_argument("--reach", type=float, default=None, metavar="SCORE",
+                   help="add the steps and wall time each group took to a validation score <= SCORE")
     return p.parse_args(argv)
 
 
@@ -319,7 +350,11 @@ def main(argv=None) -> int:
         bad = [a for a in axes if a not in AXES]
         if bad or not axes:
             raise UserError(f"--x {args.x!r}: each axis must be one of {', '.join(AXES)}")
-        pairs = [(g, g.summary()) for g in group_runs(find_runs(args.paths))]
+        groups = group_runs(find_runs(args.paths))
+        if args.reach is not None and len({g.metric for g in groups}) > 1:
+            raise UserError(f"--reach {args.reach:g} is one score, but these runs mix bpc and ppl; "
+                            f"report character and word runs separately")
+        pairs = [(g, g.summary(args.reach)) for g in groups]
         # Worst first, as the paper's tables run: by level, then mean validation score.
         pairs.sort(key=lambda gr: (gr[1]["metric"] != "bpc", -(gr[1]["valid_mean"] or math.inf)))
         groups, rows = [g for g, _ in pairs], [r for _, r in pairs]

@@ -127,6 +127,16 @@ class Run:
         valid = [m for m in self.lines("valid") if m.get("loss") is not None]
         return min(valid, key=lambda m: m["loss"]) if valid else None
 
+    def reached(self, target: float) -> tuple:
+        """(step, wall seconds) of the first evaluation whose validation score is at most
+        ``target``; (None, None) if none is. Wall time comes from run.json's ``evals``."""
+        for m in self.lines("valid"):
+            score = self.score(m)
+            if score is not None and score <= target:
+                walls = dict((int(s), w) for s, w in self.summary.get("evals", []))
+                return m["step"], walls.get(m["step"])
+        return None, None
+
     def score(self, line: Optional[dict]) -> Optional[float]:
         """The headline figure (bpc or ppl) of a metrics line."""
         if line is None:

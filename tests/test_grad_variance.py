@@ -240,6 +240,9 @@ def test_cli_writes_results_and_prints_table(tiny_ptb, tmp_path):
     csv_lines = (out / "results.csv").read_text().splitlines()
     assert csv_lines[0].startswith("batch_size,gate,shared_mean")
     assert len(csv_lines) == 1 + 2 * len(gv.SUMMARY_GATES)
+    png = (out / "variance.png").read_bytes()
+    assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 10_000
+    assert f"wrote {out / 'results.json'}" in p.stdout and "variance.png" in p.stdout
 
 
 def test_cli_reads_a_checkpoint(tiny_ptb, tmp_path):

@@ -176,6 +176,34 @@ def test_report_two_groups_of_two_seeds(swept, tmp_path, capsys):
     assert width > 600 and height > 500 and (out / "curves.png").stat().st_size > 20_000
 
 
+def test_report_reach_gives_the_first_evaluation_at_or_below_a_score(swept, tmp_path, capsys):
+    runs = swept[0]
+    valid = {s: [m for m in lines(runs / f"word_wd-s{s}") if m["split"] == "valid" and "best" not in m]
+             for s in (3, 4)}
+    # A score between the first and the best evaluation of seed 3: reached at a known step.
+    first, best = valid[3][0]["ppl"], min(m["ppl"] for m in valid[3])
+    target = (first + best) / 2 if first > best else best
+    step3 = next(m["step"] for m in valid[3] if m["ppl"] <= target)
+    step4 = next((m["step"] for m in valid[4] if m["ppl"] <= target), None)
+    out = tmp_path / "report"
+    assert report.main([str(runs / "word_wd-s3"), str(runs / "word_wd-s4"), "--out", str(out),
+                        "--reach", str(target)]) == 0
+    row = json.loads((out / "results.json").read_text())["groups"][0]
+    assert row["reach_steps"] == [step3, step4]
+    walls = dict(json.loads((runs / "word_wd-s3" / "run.json").read_text())["evals"])
+    assert row["reach_wall"][0] == walls[step3] > 0
+    md = (out / "results.md").read_text()
+    assert f"steps to valid ≤ {target:.2f}" in md
+    if step4 is None:
+        assert f"| {step3:,} (1/2) |" in md
+    # Nobody reaches a perplexity of 1.
+    assert report.main([str(runs / "word_wd-s3"), "--out", str(out), "--reach", "1"]) == 0
+    assert "not reached (0/1)" in (out / "results.md").read_text()
+    # One score cannot serve bits per character and perplexity at once.
+    proc = run_cli("-m", "lm.report", str(runs), "--out", tmp_path / "r", "--reach", "2")
+    assert proc.returncode == 2 and "mix bpc and ppl" in proc.stderr
+
+
 def test_report_groups_ignore_seed_but_not_settings(tiny_ptb, tmp_path):
     runs = tmp_path / "sweep"
     for lr in (1.0, 2.0):

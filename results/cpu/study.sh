@@ -3,6 +3,7 @@
 # continues from its checkpoint. One thread per run; pin each part to its own core, e.g.
 #   LM_DATA_ROOT=../shared/data/ptb taskset -c 1 bash results/cpu/study.sh char
 #   LM_DATA_ROOT=../shared/data/ptb taskset -c 0 bash results/cpu/study.sh word
+#   (then the parts large-batch and grad-variance)
 # Seed 1 of every row first, then seed 2, then the third seed of the key pairs, so that a
 # study cut short still covers every row.
 set -euo pipefail
@@ -11,20 +12,27 @@ out=${STUDY_OUT:-checkpoints/cpu/study}
 common=(train.tensorboard=false)
 sweep() { python -m lm.sweep "$@" --out "$out" "${common[@]}"; }
 c=recipes/cpu
-case "${1:?usage: study.sh char|word|large-batch}" in
+# Seed 1 of every recipe, then seed 2, then seed 3 of the first $2 recipes (the key pairs).
+staged() {
+  local keys=$1; shift
+  sweep "$@" --seeds 1
+  sweep "$@" --seeds 2
+  sweep "${@:1:$keys}" --seeds 3
+}
+case "${1:?usage: study.sh char|word|large-batch|grad-variance}" in
   char)
-    all=($c/char_unregularized.yaml $c/char_mult_gauss.yaml $c/char_mult_gauss_flipout.yaml
-         $c/char_gal.yaml $c/char_zoneout.yaml $c/char_semeniuta.yaml)
-    sweep "${all[@]}" --seeds 1
-    sweep "${all[@]}" --seeds 2
-    sweep "${all[@]:0:3}" --seeds 3 ;;
+    staged 3 $c/char_unregularized.yaml $c/char_mult_gauss.yaml $c/char_mult_gauss_flipout.yaml \
+      $c/char_gal.yaml $c/char_zoneout.yaml $c/char_semeniuta.yaml ;;
   word)
-    all=($c/word_unregularized.yaml $c/word_wd.yaml $c/word_wd_flipout.yaml
-         $c/word_gal.yaml $c/word_semeniuta.yaml $c/word_zaremba.yaml $c/word_zoneout.yaml)
-    sweep "${all[@]}" --seeds 1
-    sweep "${all[@]}" --seeds 2
-    sweep "${all[@]:0:3}" --seeds 3 ;;
+    staged 3 $c/word_unregularized.yaml $c/word_wd.yaml $c/word_wd_flipout.yaml \
+      $c/word_gal.yaml $c/word_semeniuta.yaml $c/word_zaremba.yaml $c/word_zoneout.yaml ;;
   large-batch)
-    sweep $c/large_batch_wd.yaml $c/large_batch_wd_flipout.yaml --seeds 1,2,3 ;;
-  *) echo "study.sh: unknown part '$1' (char, word or large-batch)" >&2; exit 2 ;;
+    staged 2 $c/large_batch_wd.yaml $c/large_batch_wd_flipout.yaml ;;
+  grad-variance)
+    # Figure 1c on a partially trained word model: the study's WD + Flipout seed-1 run at its
+    # best checkpoint. Batch sizes as large as one core computes in about 15 minutes.
+    python grad_variance.py recipes/grad_variance.yaml checkpoint="$out/word_wd_flipout-s1/best.pt" \
+      threads=1 "batch_sizes=[1,2,4,8,16,32,64,128]" repeats=32 estimates=3 \
+      out_dir=results/cpu/grad_variance ;;
+  *) echo "study.sh: unknown part '$1' (char, word, large-batch or grad-variance)" >&2; exit 2 ;;
 esac

@@ -59,6 +59,11 @@ VARIANTS = {
 ENV_VARS = ("MKL_ENABLE_INSTRUCTIONS", "ONEDNN_MAX_CPU_ISA", "LM_LSTM_KERNELS", "OMP_NUM_THREADS")
 
 
+def _threads() -> str:
+    n = torch.get_num_threads()
+    return f"{n} thread{'s' if n > 1 else ''}"
+
+
 def machine() -> str:
     """One line: CPU model, vector ISA, threads, torch, and the ISA-limiting env vars."""
     model, flags = platform.processor() or platform.machine(), set()
@@ -78,7 +83,7 @@ def machine() -> str:
     cell = ("compiled cell available" if fused_cell.library() is not None
             else f"compiled cell unavailable ({fused_cell.build_error})")
     return (f"CPU: {model} ({os.cpu_count()} logical CPUs); ISA: {' + '.join(isa)}; "
-            f"torch {torch.__version__}, {torch.get_num_threads()} threads; {cell}"
+            f"torch {torch.__version__}, {_threads()}; {cell}"
             + (f"; env: {' '.join(env)}" if env else ""))
 
 
@@ -188,6 +193,62 @@ def _bayesian_torch_time(steps, repeats):
     return float(res.stdout.strip().splitlines()[-1]), None
 
 
+def _product_floor(shape):
+    """A step of flipout's matrix products and nothing else: per layer the input projection
+    and its two gradients, then per time step the forward pair ``(h̃, h̃∘s) (W̄, ΔŴ)ᵀ`` and
+    the backward pair ``(δa, δa∘r) (W̄, ΔŴ)``, then the weight gradients of the pair over all
+    steps; the per-step pairs as one ``bmm``, two ``mm`` or two oneDNN products, whichever
+    is fastest here. No cell, no noise, no autograd: a lower bound for any implementation
+    built on these kernels, so its ratio to ``torch.nn.LSTM`` says how far below it the
+    flipout target can be met."""
+    B, T, I, H, L, _ = shape
+    G = 4 * H
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(T * B, I, generator=gen)
+    w_ih = [torch.randn(G, I if l == 0 else H, generator=gen) for l in range(L)]
+    w2 = torch.randn(2, G, H, generator=gen)
+    z, d = torch.randn(2, B, H, generator=gen), torch.randn(2, B, G, generator=gen)
+    zs, ds = torch.randn(2, T * B, H, generator=gen), torch.randn(2, T * B, G, generator=gen)
+    w2t, dst = w2.transpose(1, 2), ds.transpose(1, 2)
+    layer_in = [x] + [torch.randn(T * B, H, generator=gen) for _ in range(L - 1)]
+
+    def pairs_bmm():
+        for t in range(T):
+            torch.bmm(z, w2t)
+        for t in range(T):
+            torch.bmm(d, w2)
+        torch.bmm(dst, zs)
+
+    def pairs_mm():
+        for t in range(T):
+            z[0].mm(w2t[0]), z[1].mm(w2t[1])
+        for t in range(T):
+            d[0].mm(w2[0]), d[1].mm(w2[1])
+        dst[0].mm(zs[0]), dst[1].mm(zs[1])
+
+    candidates = [pairs_bmm, pairs_mm]
+    if recurrence._onednn_available(x):
+        fwd = [recurrence._OneDNNLinear(w2[i], B) for i in range(2)]
+        bwd = [recurrence._OneDNNLinear(w2t[i], B) for i in range(2)]
+
+        def pairs_onednn():
+            for t in range(T):
+                fwd[0](z[0]), fwd[1](z[1])
+            for t in range(T):
+                bwd[0](d[0]), bwd[1](d[1])
+            torch.bmm(dst, zs)
+        candidates.append(pairs_onednn)
+    pairs = min(candidates, key=lambda f: min(_time(f) for _ in range(2)))
+
+    def step():
+        for l in range(L):
+            layer_in[l].mm(w_ih[l].t())                  # input projection
+            pairs()
+            ds[0].mm(w_ih[l])                             # δx and δW_ih
+            dst[0].mm(layer_in[l])
+    return step
+
+
 def _time(fn):
     t0 = time.perf_counter()
     fn()
@@ -221,6 +282,7 @@ def bench(shape_name, repeats, independent=True, bt_steps=25):
         return step
 
     pairs = [(name, fns_ref, fn, target) for name, (fn, target) in steps.items()]
+    pairs.append(("flipout products only (GEMM floor)", fns_ref, _product_floor(shape), None))
     pairs.append(("eval forward (vs nn.LSTM eval fwd)", eval_step(ref_eval, xd),
                   eval_step(m_eval, x), 1.0))
     rows = []
@@ -228,6 +290,8 @@ def bench(shape_name, repeats, independent=True, bt_steps=25):
     for name, ref_fn, fn, target in pairs:
         ref_fn()
         used = _kernels_used(fn)                                    # warm-up (and tuning)
+        if target is None:  # the GEMM floor: no recurrence, only products
+            used = "products only"
         ts, ratios = [], []
         # Eval forward is short and compared against a 1.0x target: take more pairs.
         for r in range(repeats if target != 1.0 else max(9, 3 * repeats)):
@@ -277,7 +341,7 @@ def render(shape_name, rows, notes, repeats):
     B, T, I, H, L, index = SHAPES[shape_name]
     lines = [f"### {shape_name}: batch {B}, {T} steps, {'one-hot ' if index else ''}{I} -> {H}, "
              f"{L} layer{'s' if L > 1 else ''} (median of {repeats}, "
-             f"{torch.get_num_threads()} threads, float32)", "",
+             f"{_threads()}, float32)", "",
              "| variant | ms | ratio vs nn.LSTM | ratio IQR | target | pass/fail | kernels |",
              "|---|---:|---:|---:|---:|---|---|"]
     for name, t, ratio, target, iqr, used in rows:

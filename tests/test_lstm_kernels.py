@@ -73,10 +73,15 @@ def test_all_candidates_agree_float64(variant):
             torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-13, msg=str(setting))
 
 
-@pytest.mark.skipif(not recurrence._packed_available(torch.zeros(1)),
-                    reason="MKL packed products unavailable in this torch build")
+@pytest.mark.parametrize("kind", [
+    pytest.param("packed", marks=pytest.mark.skipif(
+        not recurrence._packed_available(torch.zeros(1)),
+        reason="MKL packed products unavailable in this torch build")),
+    pytest.param("onednn", marks=pytest.mark.skipif(
+        not recurrence._onednn_available(torch.zeros(1)),
+        reason="oneDNN matmul unavailable in this torch build"))])
 @pytest.mark.parametrize("variant", ["flip+gal", "gal+zone"])
-def test_packed_products_agree_float32(variant):
+def test_float32_only_products_agree(variant, kind):
     leaves64, noise64 = _inputs(DT, variant, torch.Generator().manual_seed(2))
     leaves = [t.detach().float().requires_grad_(True) for t in leaves64]
     noise = [None if t is None else t.float() for t in noise64]
@@ -84,11 +89,11 @@ def test_packed_products_agree_float32(variant):
                         bwd_product="mm"):
         ref = _run(leaves, noise)
     for cell in CELLS:
-        with kernels.forced(cell=cell, fwd_pair="packed", bwd_pair="packed",
-                            fwd_product="packed", bwd_product="packed"):
+        with kernels.forced(cell=cell, fwd_pair=kind, bwd_pair=kind,
+                            fwd_product=kind, bwd_product=kind):
             got = _run(leaves, noise)
-            assert recurrence.last_kernels["fwd"] == "packed"
-            assert recurrence.last_kernels["bwd"] == "packed"
+            assert recurrence.last_kernels["fwd"] == kind
+            assert recurrence.last_kernels["bwd"] == kind
         for a, b in zip(got, ref):
             torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
 
@@ -180,7 +185,7 @@ def test_tuning_draws_nothing_from_the_global_rng(kw, monkeypatch):
     lstm = LSTM(6, 24, **kw)
     x = torch.randn(5, 4, 6)
     noise = lstm.sample_noise(4, seq_len=5)
-    recurrence._packed_ok = None
+    recurrence._packed_ok = recurrence._onednn_ok = None
     before_tunings = kernels.tunings
     state = torch.get_rng_state()
     lstm(x, noise=noise)[0].sum().backward()

@@ -186,7 +186,7 @@ def test_pinned_noise_draws_nothing_from_the_global_rng(kw):
     lstm = LSTM(6, 32, **kw).float()
     x = torch.randn(5, 4, 6)
     noise = lstm.sample_noise(4, seq_len=5)
-    recurrence._packed_ok = None  # as in a fresh process: the kernel probe runs again
+    recurrence._packed_ok = recurrence._onednn_ok = None  # as in a fresh process: the probes run again
     before = torch.get_rng_state()
     lstm(x, noise=noise)[0].sum().backward()
     assert torch.equal(torch.get_rng_state(), before)

@@ -21,9 +21,9 @@ Forcing a choice (tests, reproducible speed figures):
   candidate, untimed). ``LM_LSTM_KERNELS=*=default`` turns timing off altogether.
 * :func:`force` / :func:`forced` from code, which override the environment.
 
-A forced name that is not available for an operation (``packed`` for float64, ``fused``
-without a compiler) falls back to that operation's default, so one setting serves every
-dtype. :func:`choices` lists what was chosen (and the measured times), for reports.
+A forced name that is not available for an operation (``packed`` or ``onednn`` for
+float64, ``fused`` without a compiler) falls back to that operation's default, so one setting
+serves every dtype. :func:`choices` lists what was chosen (and the measured times), for reports.
 
 Choices are also kept on disk (:func:`choices_path`, one JSON file per CPU and torch
 version) and read back by later processes: candidates agree only to rounding, so a run
@@ -51,10 +51,11 @@ ENV = "LM_LSTM_KERNELS"
 # The operations and their candidates, in default order (the first available one is used
 # when timing is off).
 OPS: Dict[str, Tuple[str, ...]] = {
-    "fwd_product": ("packed", "mm"),        # h̃ W̄ᵀ, one product per step
-    "fwd_pair": ("packed", "bmm", "mm"),    # h̃ W̄ᵀ and (h̃∘s) ΔŴᵀ: two packed, one bmm, two mm
-    "bwd_product": ("mm", "packed"),        # δa W̄
-    "bwd_pair": ("bmm", "mm", "packed"),    # δa W̄ and (δa∘r) ΔŴ
+    "fwd_product": ("packed", "mm", "onednn"),         # h̃ W̄ᵀ, one product per step
+    "fwd_pair": ("packed", "bmm", "mm", "onednn"),     # h̃ W̄ᵀ and (h̃∘s) ΔŴᵀ: two packed,
+                                                       # one bmm, two mm or two oneDNN
+    "bwd_product": ("mm", "packed", "onednn"),         # δa W̄
+    "bwd_pair": ("bmm", "mm", "packed", "onednn"),     # δa W̄ and (δa∘r) ΔŴ
     "cell": ("fused", "torch"),             # the pointwise step: compiled loop or torch ops
 }
 
@@ -218,12 +219,14 @@ def choose(op: str, key: tuple, available: Sequence[str],
     """The candidate of ``op`` to use for ``key`` (see the module docstring).
 
     ``available``: the candidates that can run here, in :data:`OPS` order. The cache key is
-    ``(op, threads) + key``; ``key`` should hold the device, dtype, shape and variant.
+    ``(op, threads) + key + (available,)``; ``key`` should hold the device, dtype, shape and
+    variant. The candidates are part of it so that a choice made before a new candidate
+    existed is timed again rather than read back from disk.
     """
     global tunings
     if not available:
         raise ValueError(f"no candidate for kernel operation {op!r}")
-    full = (op, torch.get_num_threads()) + tuple(key)
+    full = (op, torch.get_num_threads()) + tuple(key) + (tuple(available),)
     with _lock:
         hit = _cache.get(full)
         if hit is not None:

@@ -118,9 +118,6 @@ class _OneDNNLinear:
         return torch.ops.mkldnn._linear_pointwise(h, self.w, None, "none", [], "")
 
 
-_LINEARS = {"packed": lambda: _PackedLinear, "onednn": lambda: _OneDNNLinear}
-
-
 class _PackedLinear:
     """``h ↦ h Wᵀ`` with ``W`` packed once for batch ``B`` (packing costs ~2 steps)."""
 
@@ -144,11 +141,14 @@ class _Linear:
         return torch.mm(h, self.wt, out=out)
 
 
+_LINEARS = {"packed": _PackedLinear, "onednn": _OneDNNLinear}  # weight prepared per call
+
+
 class _Product:
     """One per-step product ``x ↦ x Mᵀ`` (``M`` (N, K)) by the chosen kernel."""
 
     def __init__(self, kind: str, m: Tensor, batch: int):
-        self.fn = _LINEARS.get(kind, lambda: _Linear)()(m, batch)
+        self.fn = _LINEARS.get(kind, _Linear)(m, batch)
         self.out = None if kind in _LINEARS else m.new_empty(batch, m.size(0))
 
     def __call__(self, x: Tensor) -> Tensor:
@@ -162,7 +162,7 @@ class _Pair:
     def __init__(self, kind: str, m: Tensor, batch: int):
         self.kind = kind
         if kind in _LINEARS:
-            lin = _LINEARS[kind]()
+            lin = _LINEARS[kind]
             self.lins = (lin(m[0], batch), lin(m[1], batch))
         else:
             self.mt = m.transpose(1, 2).contiguous()

@@ -3,7 +3,8 @@
 # continues from its checkpoint. One thread per run; pin each part to its own core, e.g.
 #   LM_DATA_ROOT=../shared/data/ptb taskset -c 1 bash results/cpu/study.sh char
 #   LM_DATA_ROOT=../shared/data/ptb taskset -c 0 bash results/cpu/study.sh word
-#   (then the parts large-batch and grad-variance)
+#   (then the parts large-batch and grad-variance; `collect` copies the finished runs into
+#   results/cpu/study and writes the report)
 # Seed 1 of every row first, then seed 2, then the third seed of the key pairs, so that a
 # study cut short still covers every row.
 set -euo pipefail
@@ -19,7 +20,7 @@ staged() {
   sweep "$@" --seeds 2
   sweep "${@:1:$keys}" --seeds 3
 }
-case "${1:?usage: study.sh char|word|large-batch|grad-variance}" in
+case "${1:?usage: study.sh char|word|large-batch|grad-variance|collect}" in
   char)
     staged 3 $c/char_unregularized.yaml $c/char_mult_gauss.yaml $c/char_mult_gauss_flipout.yaml \
       $c/char_gal.yaml $c/char_zoneout.yaml $c/char_semeniuta.yaml ;;
@@ -34,5 +35,19 @@ case "${1:?usage: study.sh char|word|large-batch|grad-variance}" in
     python grad_variance.py recipes/grad_variance.yaml checkpoint="$out/word_wd_flipout-s1/best.pt" \
       threads=1 "batch_sizes=[1,2,4,8,16,32,64]" repeats=24 estimates=3 \
       out_dir=results/cpu/grad_variance ;;
-  *) echo "study.sh: unknown part '$1' (char, word, large-batch or grad-variance)" >&2; exit 2 ;;
+  collect)
+    # Each finished run's config, metrics and summary (never its checkpoints) into
+    # results/cpu/study, then the tables and figures from them.
+    for run in "$out"/*/; do
+      grep -q '"split": "test".*"best": true' "$run/metrics.jsonl" 2>/dev/null || continue
+      dst=results/cpu/study/$(basename "$run")
+      mkdir -p "$dst" && cp "$run"/config.yaml "$run"/metrics.jsonl "$run"/run.json "$dst"/
+    done
+    python -m lm.report results/cpu/study --out results/cpu
+    if compgen -G "results/cpu/study/large_batch_*" > /dev/null; then
+      python -m lm.report results/cpu/study/large_batch_* --x steps,wall \
+        --reach "${REACH:-1000}" --out results/cpu/large_batch
+    fi ;;
+  *) echo "study.sh: unknown part '$1' (char, word, large-batch, grad-variance or collect)" >&2
+     exit 2 ;;
 esac

@@ -67,43 +67,39 @@ _onednn_ok: Optional[bool] = None
 last_kernels: Dict[str, str] = {}
 
 
-def _packed_available(x: Tensor) -> bool:
-    """Whether MKL's packed-weight product ``torch.ops.mkl._mkl_linear`` runs here.
+def _runs_here(linear) -> bool:
+    """Whether a weight-preparing product class (``linear(w, batch)(h) = h wᵀ``, built on a
+    private op) runs and agrees with ``mm``: probed on fixed values, not ``randn``, so the
+    probe does not consume the global RNG."""
+    try:
+        w = torch.linspace(-1.0, 1.0, 32).reshape(8, 4)
+        h = torch.linspace(0.5, -0.5, 12).reshape(3, 4)
+        return bool(torch.allclose(linear(w, 3)(h), h @ w.t(), atol=1e-5))
+    except Exception:  # noqa: BLE001 - op missing from this build, or changed: fall back
+        return False
 
-    It exists for float32 on CPU in MKL builds (a private op: probed once, on fixed values,
-    not ``randn``, so the probe does not consume the global RNG). Whether it is *faster* is
-    measured per shape by :mod:`lm.nn.kernels`.
-    """
+
+def _packed_available(x: Tensor) -> bool:
+    """Whether MKL's packed-weight product ``torch.ops.mkl._mkl_linear`` runs here: float32
+    on CPU in MKL builds, probed once. Whether it is *faster* is measured per shape by
+    :mod:`lm.nn.kernels`."""
     global _packed_ok
     if x.device.type != "cpu" or x.dtype != torch.float32:
         return False
     if _packed_ok is None:
-        try:
-            w = torch.linspace(-1.0, 1.0, 32).reshape(8, 4)
-            h = torch.linspace(0.5, -0.5, 12).reshape(3, 4)
-            packed = torch.ops.mkl._mkl_reorder_linear_weight(w, 3)
-            y = torch.ops.mkl._mkl_linear(h, packed, w, None, 3)
-            _packed_ok = bool(torch.allclose(y, h @ w.t(), atol=1e-5))
-        except Exception:  # noqa: BLE001 - no MKL, or the private op changed: fall back
-            _packed_ok = False
+        _packed_ok = _runs_here(_PackedLinear)
     return _packed_ok
 
 
 def _onednn_available(x: Tensor) -> bool:
     """Whether oneDNN's matmul primitive (``torch.ops.mkldnn._linear_pointwise`` on a weight
     from ``_reorder_linear_weight``, the ops torch's own CPU compiler emits for ``linear``)
-    runs here: float32 on CPU with oneDNN, probed once on fixed values."""
+    runs here: float32 on CPU with oneDNN, probed once."""
     global _onednn_ok
     if x.device.type != "cpu" or x.dtype != torch.float32:
         return False
     if _onednn_ok is None:
-        try:
-            w = torch.linspace(-1.0, 1.0, 32).reshape(8, 4)
-            h = torch.linspace(0.5, -0.5, 12).reshape(3, 4)
-            y = _OneDNNLinear(w, 3)(h)
-            _onednn_ok = bool(torch.allclose(y, h @ w.t(), atol=1e-5))
-        except Exception:  # noqa: BLE001 - no oneDNN, or the private ops changed: fall back
-            _onednn_ok = False
+        _onednn_ok = _runs_here(_OneDNNLinear)
     return _onednn_ok
 
 

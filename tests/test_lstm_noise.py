@@ -190,3 +190,20 @@ def test_pinned_noise_draws_nothing_from_the_global_rng(kw):
     before = torch.get_rng_state()
     lstm(x, noise=noise)[0].sum().backward()
     assert torch.equal(torch.get_rng_state(), before)
+
+
+@pytest.mark.parametrize("shape", [(4, 6), (3, 5), (7,)])
+def test_signs_are_the_bits_of_random_bytes(shape):
+    """Entry 8j + k is +1 exactly where bit k of the j-th random byte is set, and drawing
+    consumes one random byte per 8 entries (so the global RNG stream after it is fixed)."""
+    from lm.nn.noise import signs
+    n = torch.Size(shape).numel()
+    torch.manual_seed(3)
+    got = signs(shape, device="cpu", dtype=DT)
+    after = torch.rand(4)
+    torch.manual_seed(3)
+    octets = torch.randint(0, 256, ((n + 7) // 8,), dtype=torch.uint8).tolist()
+    expect = [1.0 if octets[i // 8] >> (i % 8) & 1 else -1.0 for i in range(n)]
+    assert got.shape == shape and got.dtype == DT
+    assert got.flatten().tolist() == expect
+    assert torch.equal(torch.rand(4), after)

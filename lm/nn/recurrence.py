@@ -49,6 +49,11 @@ variant and thread count):
 At the character shape (batch 32, 1000 → 4000) oneDNN's matmul ran the forward product
 about 1.6x faster than MKL's ``mm`` on an AVX2 EPYC: the same kernel family that makes
 ``torch.nn.LSTM``'s fused oneDNN cell fast, and flipout does twice its products.
+
+Memory. The buffers over all steps (gates, backward factors, product inputs, ``δa``) and
+the per-call weight copies come from :mod:`lm.nn.workspace`, which keeps them between calls:
+on the CPU, freeing and re-allocating them made every call fault a few hundred MB of pages
+in again (at the char shape 93k faults a flipout call, 26k with the pool).
 """
 from __future__ import annotations
 
@@ -57,7 +62,7 @@ from typing import Dict, List, Optional
 import torch
 from torch import Tensor
 
-from . import fused_cell, kernels
+from . import fused_cell, kernels, workspace
 
 _packed_ok: Optional[bool] = None
 _onednn_ok: Optional[bool] = None
@@ -103,12 +108,17 @@ def _onednn_available(x: Tensor) -> bool:
     return _onednn_ok
 
 
+def _contiguous(w: Tensor) -> Tensor:
+    """``w`` itself if contiguous, else a contiguous copy in a pooled buffer (for ``W̄ᵀ``)."""
+    return w if w.is_contiguous() else workspace.empty(w.shape, w).copy_(w)
+
+
 class _OneDNNLinear:
     """``h ↦ h Wᵀ`` by oneDNN's matmul, ``W`` reordered once for batch ``B`` (like packing,
     a copy of ``W`` per call of the recurrence)."""
 
     def __init__(self, w: Tensor, batch: int):
-        self.w = torch.ops.mkldnn._reorder_linear_weight(w.contiguous(), batch)
+        self.w = torch.ops.mkldnn._reorder_linear_weight(_contiguous(w), batch)
 
     def __call__(self, h: Tensor, out: Optional[Tensor] = None) -> Tensor:
         return torch.ops.mkldnn._linear_pointwise(h, self.w, None, "none", [], "")
@@ -118,7 +128,7 @@ class _PackedLinear:
     """``h ↦ h Wᵀ`` with ``W`` packed once for batch ``B`` (packing costs ~2 steps)."""
 
     def __init__(self, w: Tensor, batch: int):
-        self.w = w.contiguous()
+        self.w = _contiguous(w)
         self.batch = batch
         self.packed = torch.ops.mkl._mkl_reorder_linear_weight(self.w, batch)
 
@@ -131,7 +141,7 @@ class _Linear:
     view), into ``out``."""
 
     def __init__(self, w: Tensor, batch: int):
-        self.wt = w.t().contiguous()
+        self.wt = _contiguous(w.t())
 
     def __call__(self, h: Tensor, out: Optional[Tensor] = None) -> Tensor:
         return torch.mm(h, self.wt, out=out)
@@ -152,17 +162,19 @@ class _Product:
 
 
 class _Pair:
-    """Two per-step products ``(x0 M0ᵀ, x1 M1ᵀ)`` from a stacked ``x`` (2, B, K) and ``m``
-    (2, N, K): two packed or oneDNN products, one batched ``bmm``, or two plain ``mm``."""
+    """Two per-step products ``(x0 M0ᵀ, x1 M1ᵀ)`` from a stacked ``x`` (2, B, K) and
+    ``m = (M0, M1)``, each (N, K) (a (2, N, K) tensor also does): two packed or oneDNN
+    products, one batched ``bmm``, or two plain ``mm``."""
 
-    def __init__(self, kind: str, m: Tensor, batch: int):
+    def __init__(self, kind: str, m, batch: int):
         self.kind = kind
         if kind in _LINEARS:
             lin = _LINEARS[kind]
             self.lins = (lin(m[0], batch), lin(m[1], batch))
         else:
-            self.mt = m.transpose(1, 2).contiguous()
-            self.out = m.new_empty(2, batch, m.size(1))
+            K, N = m[0].size(1), m[0].size(0)                 # one copy, (2, K, N)
+            self.mt = torch.stack([m[0].t(), m[1].t()], out=workspace.empty((2, K, N), m[0]))
+            self.out = m[0].new_empty(2, batch, m[0].size(0))
 
     def __call__(self, x: Tensor):
         if self.kind in _LINEARS:
@@ -396,35 +408,36 @@ class LSTMRecurrence(torch.autograd.Function):
         # Under Gal's mask the flipout product sees h̃∘s = h∘(m∘s): one multiply, not two.
         ms = ((s * m if m is not None else s).contiguous()) if flip else None
         new = xproj.new_empty
+        big = lambda *shape: workspace.empty(shape, xproj)  # noqa: E731 - kept between calls
         opts = (flip, m is not None, zc is not None, zh is not None, cm is not None, need_grad)
         cell, cell_name = _choose_cell(xproj, B, H, opts)
         prods = _choose_products(xproj, B, H, flip, need_grad)
         last_kernels.clear()
         last_kernels.update(cell=cell_name, **prods)
         zc_t, zh_t, cm_t = _tiles(zc, T), _tiles(zh, T), _tiles(cm, T)
-        acts = new(T, B, G)                              # i, f, g, o after the nonlinearity
+        acts = big(T, B, G)                              # i, f, g, o after the nonlinearity
         c_bufs = (new(B, H), new(B, H))                  # c_t, alternating
         # The local derivative factors of the backward (module docstring), formed in the
         # forward step: k[t] = (i(1-i)∘d∘g, f(1-f)∘c_{t-1}, (1-g²)∘i∘d, o(1-o)∘tanh ĉ) and
         # k_c[t] = o∘(1-tanh²ĉ), the last two times (1-z^h) under hidden zoneout.
-        k = new(T, B, G) if need_grad else None
-        k_c = new(T, B, H) if need_grad else None
+        k = big(T, B, G) if need_grad else None
+        k_c = big(T, B, H) if need_grad else None
         if flip:
             # z[:, t] = (h̃_{t-1}, h̃_{t-1}∘s), the inputs of the two products, kept for δW.
             # Without Gal's mask h̃ = h, so the step writes h_t straight into z[0, t+1].
-            w2 = torch.stack([w, w * e])                 # (W̄, ΔŴ), also for the backward
-            prod = _Pair(prods["fwd"], w2, B)
-            z = new(2, T + 1, B, H)
+            w_delta = torch.mul(w, e, out=big(*w.shape))  # ΔŴ, also for the backward
+            prod = _Pair(prods["fwd"], (w, w_delta), B)
+            z = big(2, T + 1, B, H)
             torch.mul(h0, m, out=z[0, 0]) if m is not None else z[0, 0].copy_(h0)
             torch.mul(h0, ms, out=z[1, 0])
-            out = new(T, B, H) if m is not None else z[0, 1:]
+            out = big(T, B, H) if m is not None else z[0, 1:]
             hm = None
         else:
-            w2 = z = None
+            w_delta = z = None
             prod = _Product(prods["fwd"], w, B)
-            out = new(T, B, H)
+            out = big(T, B, H)
             # h̃_t = h_t∘m under Gal's mask, the product input (kept for δW̄ when training).
-            hm = new(T + 1, B, H) if m is not None else None
+            hm = big(T + 1, B, H) if m is not None else None
             if m is not None:
                 torch.mul(h0, m, out=hm[0])
 
@@ -445,31 +458,32 @@ class LSTMRecurrence(torch.autograd.Function):
         if need_grad:
             zin = z[:, :T] if flip else None
             hm_in = hm[:T] if hm is not None else None
-            ctx.save_for_backward(acts, k, k_c, out, h0, w, w2, e, r, ms, m, zc, zh, hm_in, zin)
+            ctx.save_for_backward(acts, k, k_c, out, h0, w, w_delta, e, r, ms, m, zc, zh, hm_in,
+                                  zin)
             ctx.kernels = (cell_name, prods.get("bwd"))
         if flip and m is None:
-            out = out.clone()        # a view of z: hand back a tensor of its own
+            out = big(T, B, H).copy_(out)        # a view of z: hand back a tensor of its own
         return out, out[T - 1].clone(), c.clone()
 
     @staticmethod
     def backward(ctx, d_out: Tensor, d_hn: Tensor, d_cn: Tensor):
-        (acts, k, k_c, out, h0, w, w2, e, r, ms, m, zc, zh, hm, zin) = ctx.saved_tensors
+        (acts, k, k_c, out, h0, w, w_delta, e, r, ms, m, zc, zh, hm, zin) = ctx.saved_tensors
         cell_name, bwd_kind = ctx.kernels
         T, B, G = acts.shape
         H = G // 4
-        flip = w2 is not None
+        flip = w_delta is not None
         d_out = d_out.contiguous()
         cell = fused_cell.FusedCell(acts.dtype) if cell_name == "fused" else TorchCell(acts, B, H)
         zc_t, zh_t = _tiles(zc, T), _tiles(zh, T)
 
         if flip:
             # (δa_t, δa_t∘r) stacked like the forward's (h̃, h̃∘s), for the products and δW.
-            d2 = acts.new_empty(2, T, B, G)
+            d2 = workspace.empty((2, T, B, G), acts)
             d_gates = d2[0]
-            prod = _Pair(bwd_kind, w2.transpose(1, 2), B)
+            prod = _Pair(bwd_kind, (w.t(), w_delta.t()), B)
         else:
             d2 = None
-            d_gates = acts.new_empty(T, B, G)
+            d_gates = workspace.empty((T, B, G), acts)
             prod = _Product(bwd_kind, w.t(), B)
         dh = d_hn + d_out[T - 1]
         dc = d_cn.contiguous().clone()

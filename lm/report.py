@@ -1,7 +1,7 @@
 """Compare runs: a table of scores over seeds, beside the paper's, and their curves.
 
     python -m lm.report RUN_DIR [RUN_DIR ...] [--out DIR] [--x epochs|steps|wall[,...]]
-                        [--reach SCORE]
+                        [--reach SCORE[,SCORE...]]
 
 Each argument is a run directory or a folder holding run directories (searched recursively).
 Runs whose resolved configs differ only in ``train.seed`` (and in where they were written or
@@ -15,10 +15,11 @@ per character for character runs, perplexity for word runs (one table each). A r
 not finished shows its best validation so far, no test score, and a ``*`` after its seed.
 The paper's figures come from the recipe's optional ``paper:`` section.
 
-``--reach SCORE`` adds how fast each group got there: the step and the wall time of the first
-evaluation whose validation score is at most SCORE, mean ± sd over the seeds that reached it
-(and how many did), which is how the large-batch claim (flipout reaches a given validation
-loss in fewer steps than a shared perturbation) is read off.
+``--reach SCORE[,SCORE...]`` adds how fast each group got there: for each score, the step and
+the wall time of the first evaluation whose validation score is at most it, mean ± sd over the
+seeds that reached it (and how many did), which is how the large-batch claim (flipout reaches
+a given validation loss in fewer steps than a shared perturbation) is read off, at several
+losses rather than one picked after the fact.
 
 Writes ``results.md``, ``results.csv``, ``results.json`` and ``curves.png`` (validation score
 against each ``--x`` axis, one colour per group, the seeds' min-max spread shaded; a last panel
@@ -35,7 +36,7 @@ import statistics
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Optional
+from typing import Optional, Sequence
 
 import numpy as np
 
@@ -90,7 +91,7 @@ class Group:
     def paper(self) -> dict:
         return self.first.config.get("paper") or {}
 
-    def summary(self, reach: Optional[float] = None) -> dict:
+    def summary(self, reach: Sequence[float] = ()) -> dict:
         """The group's row: every figure the table, CSV and JSON show."""
         valid = [r.score(r.best_valid()) for r in self.runs]
         test = [r.score(r.final("test")) for r in self.runs]
@@ -102,7 +103,7 @@ class Group:
         rate = [r.summary.get("tokens_per_s") for r in self.runs]
         wall = [r.summary.get("wall_seconds") for r in self.runs]
         epochs = [r.epochs for r in self.runs]
-        reached = [r.reached(reach) if reach is not None else (None, None) for r in self.runs]
+        reached = [[r.reached(score) for r in self.runs] for score in reach]
         return {
             "recipe": self.name, "level": self.first.level, "metric": self.metric,
             "parameters": self.first.summary.get("parameters"),
@@ -114,8 +115,9 @@ class Group:
             "paper_row": self.paper.get("row"), "paper_valid": self.paper.get("valid"),
             "paper_test": self.paper.get("test"),
             "tokens_per_s": mean_sd(rate)[0], "wall_seconds": mean_sd(wall)[0],
-            "reach": reach, "reach_steps": [s for s, _ in reached],
-            "reach_wall": [w for _, w in reached],
+            # Per score in `reach`, per run: the step and wall time it got there (or None).
+            "reach": list(reach), "reach_steps": [[s for s, _ in per] for per in reached],
+            "reach_wall": [[w for _, w in per] for per in reached],
             "runs": [{"name": r.name, "path": str(r.path), "seed": r.seed, "finished": r.done,
                       "steps": r.steps, "epochs": r.epochs, "valid": v, "test": t,
                       "tokens_per_s": r.summary.get("tokens_per_s"),
@@ -212,10 +214,10 @@ def markdown(rows: list) -> str:
         out.append("| recipe | parameters | seeds | steps | epochs | valid | test "
                    + ("| valid bpc (raw text) | test bpc (raw text) " if raw else "")
                    + "| paper row | paper valid | paper test | tokens/s | wall |"
-                   + (f" steps to valid ≤ {fmt_score(reach, metric)} | wall to valid ≤ "
-                      f"{fmt_score(reach, metric)} |" if reach is not None else ""))
+                   + "".join(f" steps to valid ≤ {fmt_score(x, metric)} | wall to valid ≤ "
+                             f"{fmt_score(x, metric)} |" for x in reach))
         out.append("|---|---:|---|---:|---:|---:|---:|" + ("---:|---:|" if raw else "")
-                   + "---|---:|---:|---:|---:|" + ("---:|---:|" if reach is not None else ""))
+                   + "---|---:|---:|---:|---:|" + "---:|---:|" * len(reach))
         for r in mine:
             seeds = ",".join(f"{s}{'' if done else '*'}" for s, done in zip(r["seeds"], r["finished"]))
             params = f"{r['parameters']:,}" if r["parameters"] else "–"
@@ -229,8 +231,8 @@ def markdown(rows: list) -> str:
                    if raw else "")
                 + f"| {r['paper_row'] or '–'} | {fmt_score(r['paper_valid'], metric)} "
                 f"| {fmt_score(r['paper_test'], metric)} | {rate} | {fmt_duration(r['wall_seconds'])} |"
-                + (f" {fmt_reached(r['reach_steps'], '{:,.0f}')} "
-                   f"| {fmt_reached(r['reach_wall'], '{:,.0f} s')} |" if reach is not None else ""))
+                + "".join(f" {fmt_reached(steps, '{:,.0f}')} | {fmt_reached(wall, '{:,.0f} s')} |"
+                          for steps, wall in zip(r["reach_steps"], r["reach_wall"])))
         out.append("")
     if any(not all(r["finished"]) for r in rows):
         out.append("`*`: the run has not finished; its best validation so far is counted, its test is not.\n")
@@ -240,13 +242,21 @@ def markdown(rows: list) -> str:
 CSV_FIELDS = ("recipe", "level", "metric", "parameters", "seeds", "n", "steps_min", "steps_max",
               "epochs_max", "valid_mean", "valid_sd", "test_mean", "test_sd", "valid_bpc_raw",
               "test_bpc_raw", "paper_row",
-              "paper_valid", "paper_test", "tokens_per_s", "wall_seconds", "reach",
-              "reach_steps_mean", "reach_wall_mean", "reach_n")
+              "paper_valid", "paper_test", "tokens_per_s", "wall_seconds")
+
+
+def reach_fields(score: float) -> tuple:
+    """The CSV columns of one ``--reach`` score: mean steps, mean wall seconds, seeds that got
+    there."""
+    return (f"steps_to_valid_le_{score:g}", f"wall_to_valid_le_{score:g}",
+            f"reached_valid_le_{score:g}")
 
 
 def to_csv(rows: list) -> str:
     buf = io.StringIO()
-    writer = csv.DictWriter(buf, fieldnames=CSV_FIELDS, lineterminator="\n")
+    reach = rows[0]["reach"] if rows else []
+    fields = CSV_FIELDS + sum((reach_fields(x) for x in reach), ())
+    writer = csv.DictWriter(buf, fieldnames=fields, lineterminator="\n")
     writer.writeheader()
     for r in rows:
         steps = [s for s in r["steps"] if s is not None]
@@ -256,9 +266,10 @@ def to_csv(rows: list) -> str:
                          "steps_min": min(steps) if steps else None,
                          "steps_max": max(steps) if steps else None,
                          "epochs_max": max(epochs) if epochs else None,
-                         "reach_steps_mean": mean_sd(r["reach_steps"])[0],
-                         "reach_wall_mean": mean_sd(r["reach_wall"])[0],
-                         "reach_n": sum(v is not None for v in r["reach_steps"])})
+                         **{k: v for x, steps, wall in zip(reach, r["reach_steps"], r["reach_wall"])
+                            for k, v in zip(reach_fields(x), (
+                                mean_sd(steps)[0], mean_sd(wall)[0],
+                                sum(v is not None for v in steps)))}})
     return buf.getvalue()
 
 
@@ -332,14 +343,29 @@ def plot(groups: list, axes: tuple, path: Path) -> None:
 # ----------------------------------------------------------------------------- CLI
 
 
+def parse_scores(text: Optional[str]) -> list:
+    """``--reach``'s comma-separated scores, in the order given."""
+    if text is None:
+        return []
+    try:
+        scores = [float(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        scores = []
+    if not scores or not all(math.isfinite(x) and x > 0 for x in scores):
+        raise UserError(f"--reach {text!r}: give one or more positive scores separated by commas, "
+                        f"e.g. --reach 1000,800")
+    return scores
+
+
 def parse_args(argv):
     p = argparse.ArgumentParser(prog="python -m lm.report", description=__doc__.splitlines()[0])
     p.add_argument("paths", nargs="+", metavar="RUN_DIR", help="run directories or folders holding them")
     p.add_argument("--out", default=".", help="folder for results.{md,csv,json} and curves.png (default .)")
     p.add_argument("--x", default="epochs",
                    help="comma-separated x axes of the validation curves: epochs, steps, wall (default epochs)")
-    p.add_argument("--reach", type=float, default=None, metavar="SCORE",
-                   help="add the steps and wall time each group took to a validation score <= SCORE")
+    p.add_argument("--reach", default=None, metavar="SCORE[,SCORE...]",
+                   help="add the steps and wall time each group took to a validation score <= "
+                        "each SCORE (comma-separated)")
     return p.parse_args(argv)
 
 
@@ -350,11 +376,12 @@ def main(argv=None) -> int:
         bad = [a for a in axes if a not in AXES]
         if bad or not axes:
             raise UserError(f"--x {args.x!r}: each axis must be one of {', '.join(AXES)}")
+        reach = parse_scores(args.reach)
         groups = group_runs(find_runs(args.paths))
-        if args.reach is not None and len({g.metric for g in groups}) > 1:
-            raise UserError(f"--reach {args.reach:g} is one score, but these runs mix bpc and ppl; "
-                            f"report character and word runs separately")
-        pairs = [(g, g.summary(args.reach)) for g in groups]
+        if reach and len({g.metric for g in groups}) > 1:
+            raise UserError(f"--reach {args.reach} gives scores of one kind, but these runs mix "
+                            f"bpc and ppl; report character and word runs separately")
+        pairs = [(g, g.summary(reach)) for g in groups]
         # Worst first, as the paper's tables run: by level, then mean validation score.
         pairs.sort(key=lambda gr: (gr[1]["metric"] != "bpc", -(gr[1]["valid_mean"] or math.inf)))
         groups, rows = [g for g, _ in pairs], [r for _, r in pairs]

@@ -186,22 +186,29 @@ def test_report_reach_gives_the_first_evaluation_at_or_below_a_score(swept, tmp_
     step3 = next(m["step"] for m in valid[3] if m["ppl"] <= target)
     step4 = next((m["step"] for m in valid[4] if m["ppl"] <= target), None)
     out = tmp_path / "report"
+    # Several scores at once, each its own pair of columns; nobody reaches a perplexity of 1.
     assert report.main([str(runs / "word_wd-s3"), str(runs / "word_wd-s4"), "--out", str(out),
-                        "--reach", str(target)]) == 0
+                        "--reach", f"{target},1"]) == 0
     row = json.loads((out / "results.json").read_text())["groups"][0]
-    assert row["reach_steps"] == [step3, step4]
+    assert row["reach"] == [target, 1.0]
+    assert row["reach_steps"] == [[step3, step4], [None, None]]
     walls = dict(json.loads((runs / "word_wd-s3" / "run.json").read_text())["evals"])
-    assert row["reach_wall"][0] == walls[step3] > 0
+    assert row["reach_wall"][0][0] == walls[step3] > 0
     md = (out / "results.md").read_text()
-    assert f"steps to valid ≤ {target:.2f}" in md
+    assert f"steps to valid ≤ {target:.2f}" in md and "steps to valid ≤ 1.00" in md
+    assert "not reached (0/2)" in md
     if step4 is None:
         assert f"| {step3:,} (1/2) |" in md
-    # Nobody reaches a perplexity of 1.
-    assert report.main([str(runs / "word_wd-s3"), "--out", str(out), "--reach", "1"]) == 0
-    assert "not reached (0/1)" in (out / "results.md").read_text()
-    # One score cannot serve bits per character and perplexity at once.
-    proc = run_cli("-m", "lm.report", str(runs), "--out", tmp_path / "r", "--reach", "2")
-    assert proc.returncode == 2 and "mix bpc and ppl" in proc.stderr
+    with open(out / "results.csv") as fh:
+        csv_row = next(csv.DictReader(fh))
+    assert float(csv_row[f"steps_to_valid_le_{target:g}"]) == statistics.mean(
+        s for s in (step3, step4) if s is not None)
+    assert csv_row["reached_valid_le_1"] == "0" and csv_row["steps_to_valid_le_1"] == ""
+    # One score cannot serve bits per character and perplexity at once; scores must be scores.
+    for reach, message in (("2", "mix bpc and ppl"), ("800,abc", "positive scores separated"),
+                           ("-5", "positive scores separated")):
+        proc = run_cli("-m", "lm.report", str(runs), "--out", tmp_path / "r", "--reach", reach)
+        assert proc.returncode == 2 and message in proc.stderr, (reach, proc.stderr)
 
 
 def test_report_groups_ignore_seed_but_not_settings(tiny_ptb, tmp_path):

@@ -96,6 +96,22 @@ def test_varying_lengths_share_a_bounded_pool(monkeypatch):
     assert sizes[8:] == [sizes[7]] * 8                     # the second pass allocates nothing
 
 
+def test_a_full_pool_drops_its_oldest_free_buffers(monkeypatch):
+    """Beyond MAX_BUFFERS the oldest free bases go (in-use ones stay), and results hold."""
+    monkeypatch.setattr(workspace, "MAX_BUFFERS", 3)
+    like = torch.zeros(1)
+    kept = workspace.empty((100,), like)                   # in use throughout
+    for n in (1000, 3000, 9000, 27000):                    # sizes no earlier base can serve
+        workspace.empty((n,), like)
+        assert len(workspace._pool) <= 3
+    assert any(b.untyped_storage().data_ptr() == kept.untyped_storage().data_ptr()
+               for b in workspace._pool)                   # the buffer in use was not dropped
+    assert sorted(b.numel() for b in workspace._pool) == [112, 10240, 28672]   # rounded up
+    ref = _reference(9, monkeypatch)
+    for a, b in zip(_grads(*_leaves(9)), ref):             # and the recurrence still works
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+
+
 def test_small_and_cuda_buffers_are_not_pooled(monkeypatch):
     monkeypatch.setattr(workspace, "MIN_BYTES", 1 << 20)
     t = workspace.empty((10, 10), torch.zeros(1))

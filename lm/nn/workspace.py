@@ -73,10 +73,12 @@ def empty(shape: Sequence[int], like: Tensor) -> Tensor:
             best = torch.empty(_rounded(n), dtype=like.dtype, device=like.device)
             _pool.append(best)
             while len(_pool) > MAX_BUFFERS:          # drop the oldest free base, if any
-                free = next((b for b in _pool if b is not best and _refs(b) == _FREE), None)
+                # By position: list.remove would compare tensors with ==, elementwise.
+                free = next((i for i, b in enumerate(_pool)
+                             if b is not best and _refs(b) == _FREE), None)
                 if free is None:
                     break
-                _pool.remove(free)
+                del _pool[free]
         return best[:n].view(shape)
 
 

@@ -31,7 +31,7 @@ import torch
 from torch import Tensor
 
 MIN_BYTES = 1 << 20          # smaller blocks come from malloc's heap, which keeps its pages
-MAX_BUFFERS = 32
+MAX_BUFFERS = 64
 
 _lock = threading.Lock()
 _pool: List[Tensor] = []

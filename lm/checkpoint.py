@@ -164,10 +164,21 @@ def save_training(obj: dict, run_dir: Path, step: int, keep: int) -> Path:
     return path
 
 
+def stopped_before_first_checkpoint(run_dir: Path) -> str:
+    """The way out for a run directory with a best.pt but nothing to resume from (the run
+    failed after its first validation, before its first ckpt-*.pt): neither resuming nor
+    starting over in place can be right, so the user moves the old run aside."""
+    return (f"nothing to resume in {run_dir}: it holds a best.pt but no last.pt or ckpt-*.pt "
+            f"(the run stopped before its first checkpoint); move or delete {run_dir} to start "
+            f"the run again, or choose another train.run_name=NAME")
+
+
 def load_latest(run_dir: Path, warn=print) -> tuple[dict, Path]:
     """The newest checkpoint of a run that loads, trying last.pt, then ckpt-*.pt newest first."""
     candidates = [run_dir / "last.pt"] + numbered(run_dir)[::-1]
     candidates = [p for p in candidates if p.is_file()]
+    if not candidates and (run_dir / "best.pt").is_file():
+        raise CheckpointError(stopped_before_first_checkpoint(run_dir))
     if not candidates:
         raise CheckpointError(f"nothing to resume in {run_dir}: no last.pt or ckpt-*.pt; "
                               f"start the run without --resume")

@@ -315,6 +315,24 @@ def test_resume_with_nothing_to_resume(tiny_ptb, tmp_path):
     assert proc.returncode == 2 and "nothing to resume" in one_error_line(proc)
 
 
+def test_a_run_that_failed_before_its_first_checkpoint_says_how_to_start_again(
+        tiny_ptb, tmp_path, capsys):
+    """best.pt alone (a crash after the first validation, before the first ckpt-*.pt): with
+    or without --resume, the one error names the way out, and best.pt is left alone."""
+    assert short_run(tiny_ptb, tmp_path, **{"train.max_steps": 3}) == 0
+    run = tmp_path / "word_ptb"
+    for p in [run / "last.pt", *checkpoint.numbered(run)]:
+        p.unlink()
+    best = (run / "best.pt").read_bytes()
+    capsys.readouterr()
+    for resume in ([], ["--resume"]):
+        assert train_script.main(["recipes/word_ptb.yaml", *resume,
+                                  *tiny_overrides(tiny_ptb, tmp_path)]) == 2
+        line = one_error_line(capsys.readouterr().err)
+        assert "holds a best.pt but no last.pt or ckpt-*.pt" in line and "move or delete" in line
+    assert (run / "best.pt").read_bytes() == best
+
+
 # ----------------------------------------------------------------------------- bad data
 
 

@@ -56,7 +56,8 @@ VARIANTS = {
     "Semeniuta": (dict(cell_dropout=0.25), 1.3),
 }
 
-ENV_VARS = ("MKL_ENABLE_INSTRUCTIONS", "ONEDNN_MAX_CPU_ISA", "LM_LSTM_KERNELS", "OMP_NUM_THREADS")
+ENV_VARS = ("MKL_ENABLE_INSTRUCTIONS", "ONEDNN_MAX_CPU_ISA", "LM_LSTM_KERNELS", "LM_LSTM_WORKSPACE",
+            "OMP_NUM_THREADS")
 
 
 def _threads() -> str:

@@ -45,8 +45,10 @@ case "${1:?usage: study.sh char|word|large-batch|grad-variance|collect}" in
     done
     python -m lm.report results/cpu/study --out results/cpu
     if compgen -G "results/cpu/study/large_batch_*" > /dev/null; then
+      # Validation perplexities at which "steps to get there" is read: a fixed grid from early
+      # to late in the epoch, not one score picked from the curves.
       python -m lm.report results/cpu/study/large_batch_* --x steps,wall \
-        --reach "${REACH:-1000}" --out results/cpu/large_batch
+        --reach "${REACH:-2000,1000,800,700}" --out results/cpu/large_batch
     fi ;;
   *) echo "study.sh: unknown part '$1' (char, word, large-batch, grad-variance or collect)" >&2
      exit 2 ;;

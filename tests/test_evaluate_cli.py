@@ -103,7 +103,10 @@ def test_ctrl_c_is_one_line_and_exit_130(run, tiny_ptb):
     (tiny_ptb / "ptb.test.txt").write_text("".join(lines * 300))  # long enough to be caught scoring
     proc = subprocess.Popen([sys.executable, "evaluate.py", str(run / "best.pt"),
                              "--data-root", str(tiny_ptb), "--batch-size", "1", "--bptt", "1"],
-                            cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+                            cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            # Python turns SIGINT into KeyboardInterrupt only if SIGINT is not
+                            # ignored when it starts, as it is under `nohup pytest &`.
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     seen, deadline = b"", time.monotonic() + 120
     while b"scoring" not in seen and time.monotonic() < deadline:  # the bar is up: scoring has begun
         chunk = proc.stderr.read1(4096)

@@ -235,7 +235,7 @@ def train(args, stop: StopSignal, ctx: distributed.Context = distributed.Context
         saved, path = checkpoint.load_latest(run_dir, warn=lambda m: print(m, file=sys.stderr))
         check_resumable(cfg, saved["config"], path)
         print(f"resuming from {path} (step {saved['progress']['step']})")
-    elif checkpoint.numbered(run_dir) or (run_dir / "last.pt").exists():
+    elif checkpoint.resumable(run_dir):
         raise UserError(f"{run_dir} already holds checkpoints; pass --resume to continue that run "
                         f"or choose another train.run_name=NAME")
     elif (run_dir / "best.pt").exists():

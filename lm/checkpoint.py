@@ -173,10 +173,14 @@ def stopped_before_first_checkpoint(run_dir: Path) -> str:
             f"the run again, or choose another train.run_name=NAME")
 
 
+def resumable(run_dir: Path) -> list:
+    """The checkpoints ``--resume`` would try, in order: last.pt, then ckpt-*.pt newest first."""
+    return [p for p in [run_dir / "last.pt"] + numbered(run_dir)[::-1] if p.is_file()]
+
+
 def load_latest(run_dir: Path, warn=print) -> tuple[dict, Path]:
     """The newest checkpoint of a run that loads, trying last.pt, then ckpt-*.pt newest first."""
-    candidates = [run_dir / "last.pt"] + numbered(run_dir)[::-1]
-    candidates = [p for p in candidates if p.is_file()]
+    candidates = resumable(run_dir)
     if not candidates and (run_dir / "best.pt").is_file():
         raise CheckpointError(stopped_before_first_checkpoint(run_dir))
     if not candidates:

@@ -261,15 +261,15 @@ def to_csv(rows: list) -> str:
     for r in rows:
         steps = [s for s in r["steps"] if s is not None]
         epochs = [e for e in r["epochs"] if e is not None]
-        writer.writerow({**{k: r[k] for k in CSV_FIELDS if k in r},
-                         "seeds": " ".join(map(str, r["seeds"])), "n": len(r["seeds"]),
-                         "steps_min": min(steps) if steps else None,
-                         "steps_max": max(steps) if steps else None,
-                         "epochs_max": max(epochs) if epochs else None,
-                         **{k: v for x, steps, wall in zip(reach, r["reach_steps"], r["reach_wall"])
-                            for k, v in zip(reach_fields(x), (
-                                mean_sd(steps)[0], mean_sd(wall)[0],
-                                sum(v is not None for v in steps)))}})
+        row = {**{k: r[k] for k in CSV_FIELDS if k in r},
+               "seeds": " ".join(map(str, r["seeds"])), "n": len(r["seeds"]),
+               "steps_min": min(steps) if steps else None,
+               "steps_max": max(steps) if steps else None,
+               "epochs_max": max(epochs) if epochs else None}
+        for score, to_steps, to_wall in zip(reach, r["reach_steps"], r["reach_wall"]):
+            row.update(zip(reach_fields(score), (mean_sd(to_steps)[0], mean_sd(to_wall)[0],
+                                                 sum(s is not None for s in to_steps))))
+        writer.writerow(row)
     return buf.getvalue()
 
 

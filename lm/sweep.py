@@ -70,7 +70,7 @@ class Job:
         """``done``, ``interrupted`` (resume it) or ``new``."""
         if (self.run_dir / "config.yaml").is_file() and Run.load(self.run_dir).done:
             return "done"
-        if checkpoint.numbered(self.run_dir) or (self.run_dir / "last.pt").exists():
+        if checkpoint.resumable(self.run_dir):
             return "interrupted"
         return "new"
 

@@ -25,6 +25,7 @@ Conventions (row convention, as ``torch.nn.LSTM``: ``gates = x W_iháµ€ + h W_hhá
 """
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass
 from typing import Optional, Tuple
@@ -95,10 +96,15 @@ def signs(shape, *, device, dtype) -> Tensor:
     """
     n = math.prod(shape)
     octets = torch.randint(0, 256, ((n + 7) // 8,), device=device, dtype=torch.uint8)
-    values = torch.arange(256, device=device).unsqueeze(1)
-    bits = (values >> torch.arange(8, device=device)) & 1
-    table = bits.to(dtype).mul_(2).sub_(1)                       # (256, 8): byte -> signs
-    return F.embedding(octets.long(), table).view(-1)[:n].view(shape)
+    return F.embedding(octets.long(), _sign_table(torch.device(device), dtype)).view(-1)[:n] \
+        .view(shape)
+
+
+@functools.lru_cache(maxsize=None)
+def _sign_table(device: torch.device, dtype: torch.dtype) -> Tensor:
+    """(256, 8): row ``j`` holds the signs of byte ``j``, +1 where bit ``k`` is set."""
+    bits = (torch.arange(256, device=device).unsqueeze(1) >> torch.arange(8, device=device)) & 1
+    return bits.to(dtype).mul_(2).sub_(1)
 
 
 def relative_delta(shape, *, drop: float, sigma: float, device, dtype) -> Optional[Tensor]:

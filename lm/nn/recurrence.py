@@ -172,9 +172,9 @@ class _Pair:
             lin = _LINEARS[kind]
             self.lins = (lin(m[0], batch), lin(m[1], batch))
         else:
-            K, N = m[0].size(1), m[0].size(0)                 # one copy, (2, K, N)
+            N, K = m[0].shape                                   # one copy, (2, K, N)
             self.mt = torch.stack([m[0].t(), m[1].t()], out=workspace.empty((2, K, N), m[0]))
-            self.out = m[0].new_empty(2, batch, m[0].size(0))
+            self.out = m[0].new_empty(2, batch, N)
 
     def __call__(self, x: Tensor):
         if self.kind in _LINEARS:

@@ -28,26 +28,17 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from lm import checkpoint, distributed, fileio, runlock
-from lm.config import Config, flat, load_config, resolve_device
+from lm import checkpoint, distributed, fileio, precision, runlock
+from lm.config import Config, load_config, resolve_device, resume_changes
 from lm.data import TrainStream, open_corpus
 from lm.errors import CheckpointError, UserError
 from lm.evaluation import eval_warmup, evaluate, figures, headline, raw_bpc
 from lm.metrics import MetricsLog, NullLog, write_run_summary
-from lm.model import LanguageModel, cross_entropy_sum, detach_state
+from lm.model import Columns, LanguageModel, cross_entropy_sum, detach_state
 from lm.optim import EarlyStopping, Schedule, build_optimizer
 
 # Vocabulary sizes of Mikolov's PTB, so that --dry-run can count parameters without the data.
 PTB_VOCAB_SIZE = {"word": 10_000, "char": 50}
-# Fields that fix the model, its data layout and the batch schedule (a pure function of the
-# seed): a checkpoint resumes only into the same ones.
-MUST_MATCH = ("data.level", "data.source", "data.name", "data.config", "data.train_split",
-              "data.valid_split", "data.test_split", "data.text_field", "data.tokenizer",
-              "data.min_count", "data.vocab_size", "data.sp_model", "data.train_tokens",
-              "data.batch_size", "data.bptt", "data.shuffle", "data.carry_state",
-              "data.variable_bptt", "model", "optim.name", "train.seed")
-
-
 class NonFiniteError(UserError):
     pass
 
@@ -135,9 +126,9 @@ def dry_run_parameters(cfg: Config) -> str:
     the training split, so the count is given as ``a + b per vocabulary entry`` (it is affine
     in the vocabulary size V: the embedding and decoder rows)."""
     dc = cfg.data
-    if dc.tokenizer == "sentencepiece":
+    if dc.level == "subword":
         size = dc.vocab_size
-    elif dc.source == "ptb" and dc.tokenizer is None:
+    elif dc.source == "ptb" and dc.min_count is None:
         size = PTB_VOCAB_SIZE[dc.level]
     else:
         one, two = (LanguageModel(cfg.model, v).num_parameters() for v in (1, 2))
@@ -152,15 +143,40 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def check_resumable(cfg: Config, saved: dict, path: Path) -> None:
-    """A checkpoint resumes only into the same model and data; name every field that differs."""
-    # A field newer than the checkpoint had its default when the checkpoint was written.
-    now, then = flat(cfg.to_dict()), {**flat(Config().to_dict()), **flat(saved)}
-    diffs = [f"{k} (checkpoint {then.get(k)!r}, now {now.get(k)!r})" for k in sorted(now)
-             if any(k == m or k.startswith(m + ".") for m in MUST_MATCH) and now.get(k) != then.get(k)]
-    if diffs:
-        raise CheckpointError(f"cannot resume from {path}: the recipe differs in "
-                              f"{'; '.join(diffs)}; resume with the run's own config.yaml")
+def resume_config(cfg: Config, saved: dict, path: Path) -> list[str]:
+    """A checkpoint resumes only into the same experiment: a changed field that fixes it is
+    refused, naming every one; a changed bound or path (lm.config.resumable) is applied. Returns
+    the applied changes as text."""
+    applied, refused = resume_changes(saved, cfg)
+    if refused:
+        diffs = "; ".join(f"{k} (checkpoint {a!r}, now {b!r})" for k, a, b in refused)
+        raise CheckpointError(f"cannot resume from {path}: the recipe differs in {diffs}; these fix "
+                              f"the experiment, so resume with the run's own config.yaml, or start a "
+                              f"new run with train.run_name=NAME")
+    return [f"{k} {a!r} -> {b!r}" for k, a, b in applied]
+
+
+def finished_because(tc, progress: dict, stopper: EarlyStopping) -> str | None:
+    """Why a run whose training state is ``progress`` has nothing left to train, or None."""
+    if tc.max_steps and progress["step"] >= tc.max_steps:
+        return f"it reached train.max_steps={tc.max_steps}; raise train.max_steps to train it further"
+    if stopper.should_stop:
+        return (f"early stopping ended it ({stopper.bad} evaluations without a new best, "
+                f"train.patience={tc.patience}); raise train.patience to train it further")
+    if progress["epoch"] >= tc.epochs:
+        return f"it trained train.epochs={tc.epochs} epochs; raise train.epochs to train it further"
+    return None
+
+
+def test_was_scored(run_dir: Path, progress: dict) -> bool:
+    """The run's end was written: metrics.jsonl holds the best checkpoint's test line after the
+    lines the checkpoint accounts for (a run killed before scoring it has none)."""
+    try:
+        lines = (run_dir / "metrics.jsonl").read_text(encoding="utf-8").splitlines()
+    except OSError:
+        return False
+    return any('"split": "test"' in line and '"best": true' in line
+               for line in lines[progress["metrics_lines"]:])
 
 
 @contextlib.contextmanager
@@ -186,6 +202,9 @@ def main(argv=None) -> int:
     except UserError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    except BrokenPipeError:  # the reader went away (`--dry-run | head`): stop quietly
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # no error at exit's flush
+        return 1
     except StopNow as exc:  # a second Ctrl-C: no traceback, and say what survives
         if distributed.from_env().main:  # under torchrun every rank stops; rank 0 says so
             print(f"{signal.Signals(exc.signum).name} received again: stopped at once; "
@@ -222,6 +241,8 @@ def train(args, stop: StopSignal, ctx: distributed.Context = distributed.Context
         distributed.check_batch(ctx, dc.batch_size)
         device = distributed.init(ctx, device)
         stop = distributed.AgreedStop(stop)  # every rank stops after the same step
+    tc.precision = precision.resolve(tc.precision, device)  # auto decided here, and recorded
+    amp = lambda: precision.autocast(tc.precision, device)  # noqa: E731 (forward and loss)
     cols = ctx.share(dc.batch_size)  # this rank's columns of every batch (all of them alone)
     run_dir = Path(tc.out_dir) / tc.run_name
     resume_cmd = " ".join([distributed.launcher(ctx), "train.py", args.recipe, *args.overrides,
@@ -230,11 +251,12 @@ def train(args, stop: StopSignal, ctx: distributed.Context = distributed.Context
     if ctx.main and held is not None:  # one process at a time per run directory, until the end
         held.enter_context(runlock.hold(run_dir))
 
-    saved = None
+    saved, changed = None, []
     if args.resume:
         saved, path = checkpoint.load_latest(run_dir, warn=lambda m: print(m, file=sys.stderr))
-        check_resumable(cfg, saved["config"], path)
-        print(f"resuming from {path} (step {saved['progress']['step']})")
+        changed = resume_config(cfg, saved["config"], path)
+        print(f"resuming from {path} (step {saved['progress']['step']})"
+              + (f" with {', '.join(changed)} (recorded in config.yaml)" if changed else ""))
     elif checkpoint.resumable(run_dir):
         raise UserError(f"{run_dir} already holds checkpoints; pass --resume to continue that run "
                         f"or choose another train.run_name=NAME")
@@ -264,9 +286,13 @@ def train(args, stop: StopSignal, ctx: distributed.Context = distributed.Context
     if ctx.enabled:
         step_model = torch.nn.parallel.DistributedDataParallel(
             model, device_ids=[device] if device.type == "cuda" else None)
-        seed_everything(distributed.noise_seed(tc.seed, ctx.rank))  # each rank its own noise
+        if tc.ddp_noise == "per_rank":
+            seed_everything(distributed.noise_seed(tc.seed, ctx.rank))  # each rank its own noise
+        else:  # one stream on every rank, each keeping its columns of the batch's draws
+            model.columns = Columns(cols, dc.batch_size)
     optimizer = build_optimizer(cfg.optim, model.parameters())
     schedule = Schedule(cfg.optim, optimizer, model)
+    scaler = precision.grad_scaler(tc.precision, device)  # fp16 only
     stopper = EarlyStopping(tc.patience)
     base_lr = cfg.optim.lr
     progress = {"epoch": 0, "batch": 0, "step": 0, "skipped": 0, "window_loss": 0.0,
@@ -276,6 +302,8 @@ def train(args, stop: StopSignal, ctx: distributed.Context = distributed.Context
     if saved is not None:
         checkpoint.load_model_state(model, saved["model"], path)
         optimizer.load_state_dict(saved["optimizer"])
+        if scaler is not None and saved.get("scaler"):
+            scaler.load_state_dict(saved["scaler"])
         schedule.load_state_dict(saved["schedule"])
         stopper.load_state_dict(saved["early_stopping"])
         progress.update(saved["progress"])
@@ -283,17 +311,25 @@ def train(args, stop: StopSignal, ctx: distributed.Context = distributed.Context
         state = None if saved["hidden"] is None else [(h[cols].to(device), c[cols].to(device))
                                                       for h, c in saved["hidden"]]
         rngs = saved.get("rng_ranks") or [saved["rng"]]  # one per rank that wrote it
-        if len(rngs) == ctx.world:
+        if tc.ddp_noise == "global":  # every rank held the same stream: any world size goes on
+            checkpoint.set_rng_state(rngs[0])
+        elif len(rngs) == ctx.world:
             checkpoint.set_rng_state(rngs[ctx.rank])
         else:  # another number of processes: weights and data order continue, noise does not
             print(f"note: {path} was written by {len(rngs)} process(es) and is resumed by "
                   f"{ctx.world}; the noise and dropout streams restart, so the losses will not "
                   f"repeat those of an uninterrupted run", file=sys.stderr)
             seed_everything(distributed.noise_seed(tc.seed, ctx.rank, progress["step"]))
+    ended = None if saved is None else finished_because(tc, progress, stopper)
+    if ended and test_was_scored(run_dir, progress):  # a finished run stays finished
+        print(f"{run_dir} is finished at step {progress['step']}: {ended}")
+        return 0
     try:
-        if saved is None and ctx.main:  # rank 0 alone writes files
+        if ctx.main and (saved is None or changed):  # rank 0 alone writes files
             run_dir.mkdir(parents=True, exist_ok=True)
+            # config.yaml says what the run does: a resumed run's applied changes included.
             fileio.atomic_write_bytes(run_dir / "config.yaml", cfg.to_yaml().encode())
+        if ctx.main and saved is None:
             corpus.tokenizer.save(run_dir)  # vocab.json (+ tokenizer.model for sentencepiece)
         log = NullLog() if not ctx.main else MetricsLog(
             run_dir, tensorboard=tc.tensorboard,
@@ -327,6 +363,7 @@ def train(args, stop: StopSignal, ctx: distributed.Context = distributed.Context
                 "optimizer": optimizer.state_dict(),
                 "schedule": schedule.state_dict(), "early_stopping": stopper.state_dict(),
                 "progress": dict(progress), "base_lr": base_lr, "rng": checkpoint.rng_state(),
+                "scaler": None if scaler is None else scaler.state_dict(),
                 "hidden": None if state is None else [(h.cpu(), c.cpu()) for h, c in state]}
 
     saved_at = [time.perf_counter()]  # when this process last wrote a checkpoint (or started)
@@ -355,9 +392,10 @@ def train(args, stop: StopSignal, ctx: distributed.Context = distributed.Context
     def validate() -> bool:
         """Score the validation split; update best.pt, the schedule and early stopping."""
         nonlocal base_lr
-        result = evaluate(schedule.eval_model(), corpus.valid, batch_size=dc.eval_batch_size,
-                          bptt=eval_bptt, bos_id=corpus.vocab.eos_id, device=device, ctx=ctx,
-                          warmup=warmup)
+        with amp():
+            result = evaluate(schedule.eval_model(), corpus.valid, batch_size=dc.eval_batch_size,
+                              bptt=eval_bptt, bos_id=corpus.vocab.eos_id, device=device, ctx=ctx,
+                              warmup=warmup)
         loss = result["loss"]
         progress["last_eval"] = progress["step"]
         progress["eval_walls"].append(
@@ -365,6 +403,14 @@ def train(args, stop: StopSignal, ctx: distributed.Context = distributed.Context
         epochs_done = progress["epoch"] + progress["batch"] / stream.num_batches(progress["epoch"])
         log.log(progress["step"], "valid", loss=loss, **figures(loss, corpus.level),
                 **raw_bpc(loss, result["tokens"], corpus.chars.get("valid")), epoch=round(epochs_done, 4))
+        if not math.isfinite(loss):  # never a best: it counts as an evaluation without one
+            if tc.on_nonfinite == "error":
+                raise NonFiniteError(
+                    f"non-finite validation loss at step {progress['step']} ({loss}): the weights "
+                    f"have diverged; last good checkpoint: {last_good()}; lower optim.lr, set "
+                    f"optim.clip, or set train.on_nonfinite=skip")
+            tqdm.write(f"warning: step {progress['step']}: non-finite validation loss ({loss}); "
+                       f"not a best", file=sys.stderr)
         improved = stopper.update(loss)
         if improved and ctx.main:
             checkpoint.save({"format": checkpoint.FORMAT, "config": cfg.to_dict(),
@@ -382,12 +428,16 @@ def train(args, stop: StopSignal, ctx: distributed.Context = distributed.Context
         return str(found[-1]) if found else "none yet"
 
     # ---- training loop ------------------------------------------------------------------
-    done = False  # early stopping or max_steps
+    done = bool(ended)  # early stopping or max_steps (a resumed run may have ended, unscored)
     clip = cfg.optim.clip if cfg.optim.clip > 0 else float("inf")
     params = [p for p in model.parameters() if p.requires_grad]
     shown = {"loss": 0.0, "steps": 0}  # the progress bar's running loss (display only)
     while progress["epoch"] < tc.epochs and not done and stop.signum is None:
         epoch = progress["epoch"]
+        message = schedule.start_epoch(epoch)  # optim.schedule=step: the epoch's rate
+        if message:
+            base_lr = schedule.lr
+            tqdm.write(message)
         bar = tqdm(total=stream.num_batches(epoch), initial=progress["batch"], desc=f"epoch {epoch + 1}",
                    disable=not tc.progress, leave=False, dynamic_ncols=True)
         tic, tokens = time.perf_counter(), 0
@@ -396,15 +446,20 @@ def train(args, stop: StopSignal, ctx: distributed.Context = distributed.Context
             model.train()
             inp, target = batch.input[:, cols].to(device), batch.target[:, cols].to(device)
             state = detach_state(state) if dc.carry_state else None
-            logits, state, (raw, dropped) = step_model(inp, state)
-            loss = cross_entropy_sum(logits, target) / target.numel()
-            total = loss
-            if tc.ar:  # AR: large activations are penalized, after output dropout (AWD-LSTM)
-                total = total + tc.ar * dropped.pow(2).mean()
-            if tc.tar:  # TAR: fast-changing hidden states are penalized, before dropout
-                total = total + tc.tar * (raw[1:] - raw[:-1]).pow(2).mean()
+            with amp():
+                logits, state, (raw, dropped) = step_model(inp, state)
+                loss = cross_entropy_sum(logits.float(), target) / target.numel()
+                total = loss
+                if tc.ar:  # AR: large activations are penalized, after output dropout (AWD-LSTM)
+                    total = total + tc.ar * dropped.float().pow(2).mean()
+                if tc.tar:  # TAR: fast-changing hidden states are penalized, before dropout
+                    total = total + tc.tar * (raw[1:] - raw[:-1]).float().pow(2).mean()
             optimizer.zero_grad(set_to_none=True)
-            total.backward()
+            if scaler is None:
+                total.backward()
+            else:  # fp16: a scaled loss, the gradients unscaled before clipping
+                scaler.scale(total).backward()
+                scaler.unscale_(optimizer)
             norm = torch.nn.utils.clip_grad_norm_(params, clip)
             loss_value, grad_norm = torch.stack([loss.detach(), norm]).tolist()  # one device sync
             if ctx.enabled:  # the global batch's mean loss; a signal on any rank stops them all
@@ -412,7 +467,9 @@ def train(args, stop: StopSignal, ctx: distributed.Context = distributed.Context
             progress["batch"] += 1
             progress["step"] += 1
             step = progress["step"]
-            if not (math.isfinite(loss_value) and math.isfinite(grad_norm)):
+            # fp16's scaler overflowed: it skips this update and lowers the scale, as designed.
+            overflow = scaler is not None and math.isfinite(loss_value)
+            if not (math.isfinite(loss_value) and (math.isfinite(grad_norm) or overflow)):
                 if tc.on_nonfinite == "error":
                     raise NonFiniteError(
                         f"non-finite loss or gradient at step {step} (loss {loss_value}, grad norm "
@@ -426,7 +483,11 @@ def train(args, stop: StopSignal, ctx: distributed.Context = distributed.Context
             else:
                 for group in optimizer.param_groups:  # variable BPTT: lr scaled by length
                     group["lr"] = base_lr * batch.lr_scale
-                optimizer.step()
+                if scaler is None:
+                    optimizer.step()
+                else:
+                    scaler.step(optimizer)
+                    scaler.update()
                 for group in optimizer.param_groups:
                     group["lr"] = base_lr
                 schedule.after_step()
@@ -489,12 +550,17 @@ def train(args, stop: StopSignal, ctx: distributed.Context = distributed.Context
         save_checkpoint()
     if ctx.enabled:
         distributed.barrier()  # rank 0 has written best.pt before anyone reads it
+    if not (run_dir / "best.pt").is_file():
+        raise NonFiniteError(f"no validation of {run_dir} had a finite loss, so there is no best.pt "
+                             f"to score; the last checkpoint {last_good()} is kept; lower optim.lr "
+                             f"or set optim.clip and start a new run")
     best = checkpoint.load(run_dir / "best.pt", map_location=device)
     checkpoint.load_model_state(model, best["model"], run_dir / "best.pt")
     results = {}
     for split in ("valid", "test"):
-        r = evaluate(model, corpus.split(split), batch_size=dc.eval_batch_size, bptt=eval_bptt,
-                     bos_id=corpus.vocab.eos_id, device=device, ctx=ctx, warmup=warmup)
+        with amp():
+            r = evaluate(model, corpus.split(split), batch_size=dc.eval_batch_size, bptt=eval_bptt,
+                         bos_id=corpus.vocab.eos_id, device=device, ctx=ctx, warmup=warmup)
         results[split] = r
         log.log(progress["step"], split, loss=r["loss"], tokens=r["tokens"], best=True,
                 **figures(r["loss"], corpus.level),

@@ -27,12 +27,24 @@ from lm.data.ptb import PTB_URL
 from lm.errors import ConfigError
 
 
+def resumable(default, **kw):
+    """A field that a resumed run may change (``--resume`` with a new value): the new value is
+    applied and recorded in ``config.yaml`` and the checkpoints. Every other field fixes the
+    experiment (its model, data, optimizer, noise or schedule), so ``--resume`` refuses a change
+    to it (:func:`resume_changes`)."""
+    return field(default=default, metadata={"on_resume": "apply"}, **kw)
+
+
 @dataclass
 class DataConfig:
-    level: Literal["char", "word"] = "char"
-    root: Optional[str] = None  # None: $LM_DATA_ROOT, else data/ptb
-    url: str = PTB_URL
-    download: bool = True
+    # The kind of token, the one field that decides it: char (PTB's character view on ptb,
+    # plain characters elsewhere) | word (Mikolov's PTB vocabulary on ptb unless data.min_count
+    # asks to rebuild it; whitespace-split words elsewhere) | subword (sentencepiece pieces).
+    # Every level-keyed default (the metric, the evaluation warm-up) follows it.
+    level: Literal["char", "word", "subword"] = "char"
+    root: Optional[str] = resumable(None)  # None: $LM_DATA_ROOT, else data/ptb
+    url: str = resumable(PTB_URL)
+    download: bool = resumable(True)
     batch_size: int = 32
     bptt: int = 100
     # Shuffled non-overlapping sequences (the paper's character setting) cannot carry state.
@@ -63,12 +75,10 @@ class DataConfig:
     valid_split: str = "validation"
     test_split: str = "test"
     text_field: str = "text"
-    # Tokenizer (lm.data.tokenizers); null: data.level decides (PTB's char view on ptb).
-    tokenizer: Optional[Literal["word", "char", "sentencepiece"]] = None
     min_count: Optional[int] = None  # word: tokens seen fewer times become <unk> (null: 1)
-    vocab_size: Optional[int] = None  # sentencepiece: pieces, <eos> and unknown included
-    sp_model: Optional[Literal["bpe", "unigram"]] = None  # sentencepiece (null: unigram)
-    cache_dir: Optional[str] = None  # encoded corpora; null: $LM_CACHE_DIR, else ~/.cache/lm
+    vocab_size: Optional[int] = None  # subword: pieces, <eos> and unknown included
+    sp_model: Optional[Literal["bpe", "unigram"]] = None  # subword (null: unigram)
+    cache_dir: Optional[str] = resumable(None)  # encoded corpora; null: $LM_CACHE_DIR, else ~/.cache/lm
 
 
 @dataclass
@@ -94,7 +104,11 @@ class ModelConfig:
     hidden_size: int = 650
     num_layers: int = 2
     tie_weights: bool = False
-    init: Literal["default", "orthogonal"] = "default"
+    # default: torch's LSTM init, embedding and decoder U(-0.1, 0.1) | orthogonal: each LSTM gate
+    # block orthogonal, biases 0 (the paper's char setup) | uniform: every weight U(-s, s) with
+    # s = init_scale, LSTM biases 0 (Zaremba et al.'s setup). See lm/model.py.
+    init: Literal["default", "orthogonal", "uniform"] = "default"
+    init_scale: float = 0.1
     # Non-recurrent dropout: "locked" samples one mask per sequence (Gal, AWD-LSTM),
     # "standard" a new mask per time step (Zaremba).
     dropout_type: Literal["locked", "standard"] = "locked"
@@ -114,10 +128,14 @@ class OptimConfig:
     eps: float = 1e-8
     clip: float = 1.0  # max gradient norm; 0 turns clipping off
     # constant | decay: divide lr by lr_decay when the non-monotonic criterion fires |
-    # ntasgd: switch to averaged SGD on the same trigger (Merity et al. 2017).
-    schedule: Literal["constant", "decay", "ntasgd"] = "constant"
+    # ntasgd: switch to averaged SGD on the same trigger (Merity et al. 2017) |
+    # step: lr divided by lr_decay after decay_start epochs, then every decay_every epochs
+    # (PyTorch's StepLR with a delayed start; ExponentialLR when decay_every is 1).
+    schedule: Literal["constant", "decay", "ntasgd", "step"] = "constant"
     nonmono: int = 5
     lr_decay: float = 4.0
+    decay_start: int = 0  # step: epochs trained at optim.lr before the first division
+    decay_every: int = 1  # step: epochs between divisions
     # decay: once_per_window (after a firing the criterion starts a fresh history, so it needs
     # nonmono new evaluations before it can fire again) | every_eval (the criterion over all
     # evaluations, checked at each one: it can fire at consecutive evaluations). See lm/optim.py.
@@ -126,33 +144,41 @@ class OptimConfig:
 
 @dataclass
 class TrainConfig:
-    epochs: int = 50
-    max_steps: int = 0  # 0: no bound besides epochs
+    # Bounds and bookkeeping below are resumable(): a resumed run may raise a bound that ended it.
+    epochs: int = resumable(50)
+    max_steps: int = resumable(0)  # 0: no bound besides epochs
     seed: int = 1111
-    device: str = "auto"  # auto | cpu | cuda | cuda:N
-    run_name: Optional[str] = None  # None: the recipe's file name
-    out_dir: str = "checkpoints"
+    device: str = resumable("auto")  # auto | cpu | cuda | cuda:N
+    run_name: Optional[str] = resumable(None)  # None: the recipe's file name
+    out_dir: str = resumable("checkpoints")
     eval_every: int = 0  # steps; 0: once per epoch
-    checkpoint_every: int = 0  # steps; 0: once per epoch
-    checkpoint_minutes: float = 30.0  # also a checkpoint after this much time without one; 0: off
-    keep_checkpoints: int = 3
-    log_every: int = 50
-    patience: int = 0  # evaluations without improvement before stopping; 0: never
+    checkpoint_every: int = resumable(0)  # steps; 0: once per epoch
+    checkpoint_minutes: float = resumable(30.0)  # also a checkpoint after this much time without one; 0: off
+    keep_checkpoints: int = resumable(3)
+    log_every: int = resumable(50)
+    patience: int = resumable(0)  # evaluations without improvement before stopping; 0: never
     ar: float = 0.0  # activation regularization (AWD-LSTM alpha)
     tar: float = 0.0  # temporal activation regularization (AWD-LSTM beta)
-    on_nonfinite: Literal["error", "skip"] = "error"
-    tensorboard: bool = True
-    progress: bool = True
-    threads: Optional[int] = None  # CPU threads (torch.set_num_threads); null: torch's default
+    # fp32 | bf16 | fp16 (CUDA) | auto (bf16 where native, else fp32): autocast around the
+    # forward pass and the loss, weights and optimizer state float32 (lm/precision.py).
+    precision: Literal["fp32", "bf16", "fp16", "auto"] = "fp32"
+    # Under torchrun: global (every rank draws the whole batch's noise from one shared stream and
+    # keeps its columns, so W ranks mean what one process on the global batch means: one shared
+    # perturbation per batch) | per_rank (each rank its own stream: W independent perturbations).
+    ddp_noise: Literal["global", "per_rank"] = "global"
+    on_nonfinite: Literal["error", "skip"] = resumable("error")
+    tensorboard: bool = resumable(True)
+    progress: bool = resumable(True)
+    threads: Optional[int] = resumable(None)  # CPU threads (torch.set_num_threads); null: torch's default
 
 
 @dataclass
 class PaperConfig:
     """The published figures a recipe reproduces, shown by ``lm.report`` beside ours."""
 
-    row: Optional[str] = None  # e.g. "Table 2: Mult. Gauss + Flipout"
-    valid: Optional[float] = None
-    test: Optional[float] = None
+    row: Optional[str] = resumable(None)  # e.g. "Table 2: Mult. Gauss + Flipout"
+    valid: Optional[float] = resumable(None)
+    test: Optional[float] = resumable(None)
 
 
 @dataclass
@@ -177,6 +203,32 @@ def flat(d: dict, prefix: str = "") -> dict:
         key = f"{prefix}{k}"
         out.update(flat(v, key + ".") if isinstance(v, dict) else {key: v})
     return out
+
+
+def _field_paths(cls, prefix: str = ""):
+    """``(dotted path, dataclasses.Field)`` for every leaf field of a schema."""
+    hints = typing.get_type_hints(cls)
+    for f in dataclasses.fields(cls):
+        if dataclasses.is_dataclass(hints[f.name]):
+            yield from _field_paths(hints[f.name], f"{prefix}{f.name}.")
+        else:
+            yield f"{prefix}{f.name}", f
+
+
+def resume_changes(saved: dict, now: "Config") -> tuple[list, list]:
+    """What a resumed run changes, as ``(applied, refused)`` lists of ``(key, then, now)``.
+
+    ``saved`` is the checkpoint's config dict; a field newer than the checkpoint had its
+    default when the checkpoint was written. ``applied``: the :func:`resumable` fields (bounds,
+    paths, logging); ``refused``: any other field, since it fixes the experiment.
+    """
+    then, current = {**flat(Config().to_dict()), **flat(saved)}, flat(now.to_dict())
+    applied, refused = [], []
+    for key, f in _field_paths(Config):
+        old, new = then.get(key), current.get(key)
+        if old != new:
+            (applied if f.metadata.get("on_resume") == "apply" else refused).append((key, old, new))
+    return applied, refused
 
 
 def _plain(obj):
@@ -269,6 +321,10 @@ def _section(root, prefix: tuple):
     return root
 
 
+# Keys that were replaced, with what to write instead.
+RENAMED = {"data.tokenizer": "it was replaced by data.level: char, word or subword (sentencepiece)"}
+
+
 def did_you_mean(root, prefix: tuple, key: str) -> str:
     """The suggestion for an unknown ``key`` in section ``prefix`` of schema ``root``, e.g.
     `` (did you mean 'train.epochs'?)``, or ``''``.
@@ -277,6 +333,9 @@ def did_you_mean(root, prefix: tuple, key: str) -> str:
     every such path is named), a close name in the same section (``model.hiden_size``), a
     close name anywhere (a bare ``epoch``).
     """
+    renamed = RENAMED.get(".".join(prefix + (key,)))
+    if renamed:
+        return f" ({renamed})"
     paths = _key_paths(root)
     same = sorted(".".join(p) for p in paths if p[-1] == key and p[:-1] != prefix)
     if not same:
@@ -348,23 +407,22 @@ def validate_source(d: DataConfig) -> None:
                "(e.g. wikitext with data.config=wikitext-2-raw-v1) or data.path (a save_to_disk folder)")
         for key in ("train_split", "valid_split", "test_split", "text_field"):
             _check(bool(getattr(d, key)), f"data.{key}", "must not be empty")
-    sp = d.tokenizer == "sentencepiece"
+    sp = d.level == "subword"
     _check(not sp or d.vocab_size is not None, "data.vocab_size",
-           "data.tokenizer=sentencepiece needs data.vocab_size (e.g. 8000)")
+           "data.level=subword needs data.vocab_size (sentencepiece pieces, e.g. 8000)")
     _check(sp or d.vocab_size is None, "data.vocab_size",
-           f"only applies to data.tokenizer=sentencepiece (tokenizer is {d.tokenizer or d.level}); "
-           f"remove it or set data.tokenizer=sentencepiece")
+           f"only applies to data.level=subword (the level is {d.level}); remove it or set "
+           f"data.level=subword")
     _check(sp or d.sp_model is None, "data.sp_model",
-           "only applies to data.tokenizer=sentencepiece; remove it or set data.tokenizer=sentencepiece")
+           f"only applies to data.level=subword (the level is {d.level}); remove it or set "
+           f"data.level=subword")
     if d.vocab_size is not None:
         _check(d.vocab_size >= 3, "data.vocab_size", f"must be at least 3, got {d.vocab_size}")
-    word = d.tokenizer == "word" or (d.tokenizer is None and d.level == "word")
-    _check(word or d.min_count is None, "data.min_count",
-           "only applies to the word tokenizer; remove it or set data.tokenizer=word")
+    _check(d.level == "word" or d.min_count is None, "data.min_count",
+           f"only applies to data.level=word (the level is {d.level}); remove it or set "
+           f"data.level=word")
     if d.min_count is not None:
         _check(d.min_count >= 1, "data.min_count", f"must be >= 1, got {d.min_count}")
-        _check(d.min_count == 1 or d.source != "ptb" or d.tokenizer is not None, "data.min_count",
-               "PTB at its level keeps Mikolov's vocabulary; set data.tokenizer=word to rebuild it")
 
 
 def validate(cfg: Config) -> Config:
@@ -392,6 +450,7 @@ def validate(cfg: Config) -> Config:
         _check(getattr(m, name) > 0, f"model.{name}", f"must be positive, got {getattr(m, name)}")
     for name in ("embedding_dropout", "input_dropout", "layer_dropout", "output_dropout"):
         _prob(getattr(m, name), f"model.{name}")
+    _check(m.init_scale > 0, "model.init_scale", f"must be positive, got {m.init_scale}")
     if m.input == "onehot":
         _check(m.input_dropout == 0.0, "model.input_dropout",
                "one-hot input has no input vector to drop (it is a column lookup); set it to 0 "
@@ -426,6 +485,9 @@ def validate(cfg: Config) -> Config:
     _check(o.clip >= 0, "optim.clip", f"must be >= 0 (0 turns clipping off), got {o.clip}")
     _check(o.nonmono > 0, "optim.nonmono", f"must be positive, got {o.nonmono}")
     _check(o.lr_decay > 1.0, "optim.lr_decay", f"must be > 1, got {o.lr_decay}")
+    _check(o.decay_start >= 0, "optim.decay_start", f"must be >= 0 epochs, got {o.decay_start}")
+    _check(o.decay_every > 0, "optim.decay_every", f"must be a positive number of epochs, got "
+           f"{o.decay_every}")
     _check(not (o.schedule == "ntasgd" and o.name != "sgd"), "optim.schedule",
            "ntasgd averages SGD iterates; set optim.name=sgd")
     _check(t.epochs > 0, "train.epochs", f"must be positive, got {t.epochs}")
@@ -572,7 +634,19 @@ def _read_one(path: str | Path) -> dict:
     return raw
 
 
+# data.tokenizer, replaced by data.level (one field for the kind of token): its values as levels.
+_TOKENIZER_LEVEL = {"word": "word", "char": "char", "sentencepiece": "subword"}
+
+
 def config_from_dict(raw: dict) -> Config:
+    """A config from a mapping, such as a checkpoint's (older ones may hold ``data.tokenizer``)."""
+    data = raw.get("data")
+    if isinstance(data, dict) and "tokenizer" in data:
+        data = dict(data)
+        kind = data.pop("tokenizer")
+        if kind is not None:
+            data["level"] = _TOKENIZER_LEVEL.get(kind, kind)
+        raw = {**raw, "data": data}
     return validate(build_section(Config, raw, ""))
 
 

@@ -12,12 +12,30 @@ with a last layer of embedding size, fit between them.
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from lm.config import ModelConfig
 from lm.nn import LSTM
+
+
+@dataclass(frozen=True)
+class Columns:
+    """A model that computes columns ``cols`` of a batch of ``total`` (a DDP rank's share).
+
+    Every random draw that depends on the batch (dropout masks, flipout signs, per-sequence
+    masks) is made for all ``total`` columns and cut to ``cols``, and the draws that do not
+    (the base perturbation ΔŴ, embedding dropout's word mask) are the same on every rank, so
+    that with one generator state on all ranks the ranks together compute what one process
+    computes on the whole batch: ``W`` ranks perturb a batch with one shared ΔŴ, as the
+    paper's baselines do, not with ``W`` independent ones.
+    """
+
+    cols: slice
+    total: int
 
 
 def embedding_dropout(weight: torch.Tensor, p: float, training: bool) -> torch.Tensor:
@@ -32,14 +50,24 @@ def embedding_dropout(weight: torch.Tensor, p: float, training: bool) -> torch.T
     return weight * mask
 
 
-def sequence_dropout(x: torch.Tensor, p: float, training: bool, locked: bool) -> torch.Tensor:
-    """Dropout on a (T, B, H) sequence: one mask per sequence if ``locked``, else per step."""
+def sequence_dropout(x: torch.Tensor, p: float, training: bool, locked: bool,
+                     columns: Columns | None = None) -> torch.Tensor:
+    """Dropout on a (T, B, H) sequence: one mask per sequence if ``locked``, else per step.
+
+    ``columns``: ``x`` holds these columns of a larger batch (a DDP rank's share); the mask is
+    drawn for the whole batch and cut, so that it is the one a single process would draw.
+    """
     if not training or p == 0.0:
         return x
-    if not locked:
+    if columns is None and not locked:
         return F.dropout(x, p, training=True)
-    mask = x.new_empty(1, x.size(1), x.size(2)).bernoulli_(1 - p) / (1 - p)
-    return x * mask
+    T, B, H = x.shape
+    if columns is not None:
+        B = columns.total
+    mask = x.new_empty(1 if locked else T, B, H).bernoulli_(1 - p)  # as F.dropout draws on CPU
+    if columns is not None:
+        mask = mask[:, columns.cols]
+    return x * (mask / (1 - p))
 
 
 def orthogonal_lstm_init_(lstm: nn.Module) -> None:
@@ -53,6 +81,18 @@ def orthogonal_lstm_init_(lstm: nn.Module) -> None:
                 param.zero_()
 
 
+def uniform_init_(model: nn.Module, scale: float) -> None:
+    """Every weight U(-scale, scale), the LSTM biases 0 (Zaremba et al. 2014, as in the
+    TensorFlow PTB tutorial: its cells start with forget-gate bias 0, its softmax bias is drawn
+    like the weights)."""
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if name.startswith("layers.") and ".bias" in name:
+                param.zero_()
+            else:
+                param.uniform_(-scale, scale)
+
+
 class LanguageModel(nn.Module):
     """Word or character LSTM language model; ``forward`` maps (T, B) ids to (T, B, V) logits."""
 
@@ -60,6 +100,7 @@ class LanguageModel(nn.Module):
         super().__init__()
         self.cfg = cfg
         self.vocab_size = vocab_size
+        self.columns: Columns | None = None  # set under DDP: this rank's share of each batch
         onehot = cfg.input == "onehot"
         self.embedding = None if onehot else nn.Embedding(vocab_size, cfg.embedding_size)
         in_size = vocab_size if onehot else cfg.embedding_size
@@ -84,6 +125,8 @@ class LanguageModel(nn.Module):
             nn.init.zeros_(self.decoder.bias)
             if not cfg.tie_weights:
                 nn.init.uniform_(self.decoder.weight, -0.1, 0.1)
+        if cfg.init == "uniform":
+            uniform_init_(self, cfg.init_scale)
 
     def num_parameters(self) -> int:
         return sum(p.numel() for p in self.parameters())
@@ -97,24 +140,27 @@ class LanguageModel(nn.Module):
         noise instead of sampling it (the gradient-variance experiment shares base
         perturbations across sub-batches this way).
         """
-        cfg, training = self.cfg, self.training
+        cfg, training, cols = self.cfg, self.training, self.columns
         locked = cfg.dropout_type == "locked"
         if self.embedding is None:
             x = tokens  # integer ids: lm.nn.LSTM looks them up in the input weight's columns
         else:
             weight = embedding_dropout(self.embedding.weight, cfg.embedding_dropout, training)
             x = F.embedding(tokens, weight)
-            x = sequence_dropout(x, cfg.input_dropout, training, locked)
+            x = sequence_dropout(x, cfg.input_dropout, training, locked, cols)
         new_state = []
         for k, layer in enumerate(self.layers):
             # Per-layer state is kept as (B, H); a one-layer LSTM wants (1, B, H).
             hx = None if state is None else (state[k][0].unsqueeze(0), state[k][1].unsqueeze(0))
-            x, (h, c) = layer(x, hx, noise=None if noise is None else noise[k])
+            pinned = None if noise is None else noise[k]
+            if pinned is None and cols is not None and training:  # the whole batch's draw, cut
+                pinned = layer.sample_noise(cols.total, seq_len=tokens.size(0)).columns(cols.cols)
+            x, (h, c) = layer(x, hx, noise=pinned)
             new_state.append((h.squeeze(0), c.squeeze(0)))
             if k < len(self.layers) - 1:
-                x = sequence_dropout(x, cfg.layer_dropout, training, locked)
+                x = sequence_dropout(x, cfg.layer_dropout, training, locked, cols)
         raw = x
-        dropped = sequence_dropout(raw, cfg.output_dropout, training, locked)
+        dropped = sequence_dropout(raw, cfg.output_dropout, training, locked, cols)
         return self.decoder(dropped), new_state, (raw, dropped)
 
 

@@ -1,4 +1,13 @@
-"""Optimizers and the validation-driven schedules: step decay, NT-ASGD, early stopping.
+"""Optimizers and the learning-rate schedules: step decay, NT-ASGD, epoch steps, early stopping.
+
+``step`` follows the epoch count alone (Zaremba et al. 2014; PyTorch's ``StepLR``): epoch ``e``
+(counted from 0) trains at
+
+    lr_e = lr / lr_decay^k,   k = 0 if e < decay_start, else 1 + floor((e - decay_start) / decay_every)
+
+so ``decay_start=4, decay_every=1, lr_decay=2`` is "4 epochs at lr, then halve after every
+epoch". It is a pure function of the epoch, so a resumed run needs no state to continue it.
+The other schedules are driven by validation losses:
 
 The non-monotonic trigger of Merity et al. (2017): after an evaluation with loss ``v``, with
 ``history`` the losses of all earlier evaluations,
@@ -50,6 +59,19 @@ class Schedule:
         self.start = 0  # history[start:] is what the criterion sees (once_per_window)
         self.fired = 0
         self.averaged: AveragedModel | None = None
+
+    def start_epoch(self, epoch: int) -> str | None:
+        """Set the rate epoch ``epoch`` (from 0) trains at under ``step``; a message if it changed."""
+        cfg = self.cfg
+        if cfg.schedule != "step":
+            return None
+        k = 0 if epoch < cfg.decay_start else 1 + (epoch - cfg.decay_start) // cfg.decay_every
+        lr = cfg.lr / cfg.lr_decay ** k
+        if lr == self.lr:
+            return None
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+        return f"epoch {epoch + 1}: learning rate {lr:.4g} (optim.lr / {cfg.lr_decay:g}^{k})"
 
     def nonmono_fires(self, val_loss: float) -> bool:
         n, seen = self.cfg.nonmono, self.history[self.start:]

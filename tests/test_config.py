@@ -123,3 +123,18 @@ def test_new_train_fields_load():
     default = load_config(REPO / "recipes/char_ptb.yaml")
     assert (default.train.threads, default.train.checkpoint_minutes, default.optim.decay_rule) == \
         (None, 30.0, "once_per_window")
+
+
+def test_dry_run_into_a_closed_pipe_has_no_traceback():
+    """`train.py recipe --dry-run | head -5`: the reader leaves before the output ends."""
+    import subprocess
+    import sys
+
+    from conftest import REPO
+
+    proc = subprocess.Popen([sys.executable, "train.py", "recipes/word_ptb.yaml", "--dry-run"],
+                            cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    proc.stdout.close()  # as `head` does once it has its lines
+    err = proc.stderr.read().decode()
+    assert proc.wait(timeout=60) == 1
+    assert "Traceback" not in err and "BrokenPipeError" not in err, err

@@ -92,7 +92,8 @@ def test_word_vocabulary_min_count_and_unk():
 
 def test_word_tokenizer_on_ptb_is_the_ptb_word_level(tiny_ptb, tmp_path):
     level = load_corpus("word", prepare_ptb(tiny_ptb, download=False))
-    generic = open_corpus(data_config([f"data.root={tiny_ptb}", "data.tokenizer=word",
+    # data.min_count asks for the vocabulary rebuilt from the text, by the generic path.
+    generic = open_corpus(data_config([f"data.root={tiny_ptb}", "data.level=word", "data.min_count=1",
                                        f"data.cache_dir={tmp_path}"]))
     assert generic.vocab == level.vocab
     for split in ("train", "valid", "test"):
@@ -108,7 +109,7 @@ def test_ptb_char_decodes_underscores_as_spaces():
 
 def test_char_bpc_raw_equals_bpc(corpus_files, tmp_path):
     corpus = open_corpus(data_config(text_overrides(corpus_files, tmp_path / "cache",
-                                                    **{"data.tokenizer": "char"})))
+                                                    **{"data.level": "char"})))
     assert corpus.level == "char" and "<unk>" in corpus.vocab
     for split in ("train", "valid", "test"):
         # one token per character, one <eos> per line: the raw text's character count
@@ -139,7 +140,7 @@ def test_sentencepiece_vocabulary_too_large_is_a_config_error(corpus_files):
 
 def test_second_open_reads_the_cache(corpus_files, tmp_path, monkeypatch):
     cache = tmp_path / "cache"
-    overrides = text_overrides(corpus_files, cache, **{"data.tokenizer": "sentencepiece",
+    overrides = text_overrides(corpus_files, cache, **{"data.level": "subword",
                                                        "data.vocab_size": 40})
     encodes, trainings = [], []
     real_encode, real_train = cache_module.Cache._encode, corpus_module.train_sentencepiece
@@ -193,10 +194,10 @@ def save_dataset_dict(corpus_files, folder, split_names=("train", "validation", 
 
 def test_dataset_saved_to_disk_reads_like_the_text_files(corpus_files, tmp_path):
     folder = save_dataset_dict(corpus_files, tmp_path / "ds")
-    hf = open_corpus(data_config(["data.source=hf", f"data.path={folder}", "data.tokenizer=word",
+    hf = open_corpus(data_config(["data.source=hf", f"data.path={folder}", "data.level=word",
                                   f"data.cache_dir={tmp_path / 'cache'}"]))
     text = open_corpus(data_config(text_overrides(corpus_files, tmp_path / "cache",
-                                                  **{"data.tokenizer": "word"})))
+                                                  **{"data.level": "word"})))
     assert hf.vocab == text.vocab and hf.chars == text.chars
     for split in ("train", "valid", "test"):
         assert torch.equal(hf.split(split), text.split(split))
@@ -217,7 +218,7 @@ def test_dataset_errors(corpus_files, tmp_path):
     cases.append(([f"data.path={single}"], r"holds a single Dataset, not a DatasetDict"))
     for extra, message in cases:
         with pytest.raises(DataError, match=message):
-            open_corpus(data_config(["data.source=hf", "data.tokenizer=word",
+            open_corpus(data_config(["data.source=hf", "data.level=word",
                                      f"data.cache_dir={tmp_path / 'cache'}", *extra]))
 
 
@@ -243,13 +244,13 @@ def test_offline_dataset_not_in_the_cache_is_a_one_line_error(tmp_path):
     (["data.source=text", "data.train=a", "data.valid=b", "data.test=c", "data.name=wikitext"],
      r"data.name: belongs to data.source=hf"),
     (["data.source=hf"], r"data.name: data.source=hf needs a dataset: data.name"),
-    (["data.tokenizer=sentencepiece"], r"data.vocab_size: data.tokenizer=sentencepiece needs data.vocab_size"),
-    (["data.tokenizer=word", "data.vocab_size=500"], r"data.vocab_size: only applies to data.tokenizer=sentencepiece"),
-    (["data.tokenizer=word", "data.sp_model=bpe"], r"data.sp_model: only applies to data.tokenizer=sentencepiece"),
-    (["data.tokenizer=sentencepiece", "data.vocab_size=2"], r"data.vocab_size: must be at least 3"),
-    (["data.tokenizer=char", "data.min_count=2"], r"data.min_count: only applies to the word tokenizer"),
-    (["data.level=word", "data.min_count=3"], r"data.min_count: PTB at its level keeps Mikolov's vocabulary"),
-    (["data.tokenizer=bpe"], r"data.tokenizer: 'bpe' is not one of 'word', 'char', 'sentencepiece'"),
+    (["data.level=subword"], r"data.vocab_size: data.level=subword needs data.vocab_size"),
+    (["data.level=word", "data.vocab_size=500"], r"data.vocab_size: only applies to data.level=subword \(the level is word\)"),
+    (["data.level=word", "data.sp_model=bpe"], r"data.sp_model: only applies to data.level=subword"),
+    (["data.level=subword", "data.vocab_size=2"], r"data.vocab_size: must be at least 3"),
+    (["data.level=char", "data.min_count=2"], r"data.min_count: only applies to data.level=word \(the level is char\)"),
+    (["data.level=bpe"], r"data.level: 'bpe' is not one of 'char', 'word', 'subword'"),
+    (["data.tokenizer=word"], r"unknown config key 'data.tokenizer' \(it was replaced by data.level"),
 ])
 def test_config_errors(overrides, message):
     with pytest.raises(ConfigError, match=message):
@@ -274,7 +275,7 @@ def test_wikitext_recipes_dry_run_without_data(recipe, capsys, monkeypatch):
     assert cfg.data.source == "hf" and cfg.data.name == "wikitext"
     assert "network" in (REPO / "recipes" / f"{recipe}.yaml").read_text().lower()
     count = out.strip().splitlines()[-1]
-    if cfg.data.tokenizer == "sentencepiece":
+    if cfg.data.level == "subword":
         assert count == f"# parameters: {LanguageModel(cfg.model, cfg.data.vocab_size).num_parameters():,}"
     else:  # a + b V: check it against a model of 1000 words
         a, b = (int(x.replace(",", "")) for x in count.split()[2:5:2])
@@ -292,3 +293,32 @@ def test_metrics_record_bpc_raw_for_ptb(tiny_ptb, tmp_path):
     chars = raw_chars(tiny_ptb / "ptb.test.txt")
     assert test["split"] == "test" and test["bpc_raw"] == pytest.approx(
         test["loss"] * test["tokens"] / math.log(2) / chars, rel=1e-12)
+
+
+@pytest.mark.parametrize("recipe, level", [("wikitext2_word", "word"), ("wikitext2_sp", "subword"),
+                                           ("wikitext103_word", "word"), ("wikitext103_sp", "subword")])
+def test_one_field_decides_the_kind_of_token(recipe, level):
+    """data.level alone: the WikiText word and sentencepiece recipes get the word-level warm-up
+    and metric, not the character defaults (they once resolved as level char)."""
+    from lm.data.tokenizers import tokenizer_kind
+    from lm.evaluation import DEFAULT_WARMUP, eval_warmup
+    from lm.runs import headline_metric
+
+    cfg = load_config(REPO / "recipes" / f"{recipe}.yaml")
+    assert cfg.data.level == level
+    assert eval_warmup(cfg.data) == DEFAULT_WARMUP["word"] != DEFAULT_WARMUP["char"]
+    assert headline_metric(cfg.data.level) == "ppl"
+    assert tokenizer_kind(cfg.data) == ("sentencepiece" if level == "subword" else "word")
+
+
+@pytest.mark.parametrize("tokenizer, level", [("sentencepiece", "subword"), ("word", "word"),
+                                              ("char", "char"), (None, "char")])
+def test_checkpoints_written_with_data_tokenizer_still_load(tokenizer, level):
+    """Configs saved before data.level became the one field carry data.tokenizer."""
+    from lm.config import Config, config_from_dict
+
+    raw = Config().to_dict()
+    raw["data"]["tokenizer"] = tokenizer
+    if tokenizer == "sentencepiece":
+        raw["data"]["vocab_size"] = 100
+    assert config_from_dict(raw).data.level == level

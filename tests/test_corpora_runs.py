@@ -36,7 +36,7 @@ def sp_run(tmp_path_factory):
     """A sentencepiece run on text files: 6 steps, then resumed to 8."""
     tmp = tmp_path_factory.mktemp("sp")
     files = write_text_corpus(tmp / "corpus")
-    overrides = text_overrides(files, tmp / "cache", **{"data.tokenizer": "sentencepiece",
+    overrides = text_overrides(files, tmp / "cache", **{"data.level": "subword",
                                                         "data.vocab_size": 40, "data.sp_model": "bpe"})
     assert train(overrides, tmp / "runs", "sp", "train.max_steps=6") == 0
     return {"files": files, "overrides": overrides, "run": tmp / "runs" / "sp", "tmp": tmp}
@@ -71,7 +71,7 @@ def test_evaluate_rebuilds_the_run_tokenizer(sp_run):
     shutil.rmtree(sp_run["tmp"] / "cache")
     second = evaluate_script.run(evaluate_script.parse_args([str(best), "--split", "test"]))
     for result in (first, second):
-        assert result["level"] == "sentencepiece" and result["tokens"] == test_line["tokens"]
+        assert result["level"] == "subword" and result["tokens"] == test_line["tokens"]
         assert result["loss"] == pytest.approx(test_line["loss"], rel=1e-6)
         assert result["bpc_raw"] == pytest.approx(test_line["bpc_raw"], rel=1e-6)
 
@@ -92,7 +92,7 @@ def test_text_word_run_with_min_count(tmp_path):
         for word in line.split():
             counts[word] = counts.get(word, 0) + 1
     threshold = sorted(counts.values())[len(counts) // 2]  # about half the words are kept
-    overrides = text_overrides(files, tmp_path / "cache", **{"data.tokenizer": "word",
+    overrides = text_overrides(files, tmp_path / "cache", **{"data.level": "word",
                                                               "data.min_count": threshold})
     assert train(overrides, tmp_path / "runs", "w", "train.max_steps=3") == 0
     itos = json.loads((tmp_path / "runs" / "w" / "vocab.json").read_text())["itos"]
@@ -104,7 +104,7 @@ def test_dataset_char_run_scores_bits_per_character(tmp_path):
     files = write_text_corpus(tmp_path / "corpus")
     folder = save_dataset_dict(files, tmp_path / "ds", ("tr", "va", "te"))
     overrides = ["data.source=hf", f"data.path={folder}", "data.train_split=tr", "data.valid_split=va",
-                 "data.test_split=te", "data.tokenizer=char", f"data.cache_dir={tmp_path / 'cache'}"]
+                 "data.test_split=te", "data.level=char", f"data.cache_dir={tmp_path / 'cache'}"]
     assert train(overrides, tmp_path / "runs", "c", "train.max_steps=3") == 0
     test = metrics(tmp_path / "runs" / "c")[-1]
     # one token per character and per line end: bpc of the tokens is bpc of the raw text
@@ -163,6 +163,14 @@ def test_sample_ptb_characters_show_spaces(tiny_ptb, tmp_path, capsys):
 def test_sample_argument_errors(sp_run, capsys, args, message):
     code, out, err = sample(capsys, sp_run["run"] / "best.pt", *args)
     assert code == 2 and out == "" and err.startswith(f"error: {message}") and err.count("\n") == 1
+
+
+def test_sample_device_defaults_to_auto_as_in_training(sp_run, capsys, monkeypatch):
+    """train.device's default is auto (CUDA when present); lm.sample's was cpu."""
+    asked, real = [], sample_script.resolve_device
+    monkeypatch.setattr(sample_script, "resolve_device", lambda name: asked.append(name) or real(name))
+    code, out, _ = sample(capsys, sp_run["run"] / "best.pt", "--tokens", 3)
+    assert code == 0 and out and asked == ["auto"]
 
 
 def test_sample_missing_checkpoint(tmp_path, capsys):

@@ -91,8 +91,9 @@ def test_ddp_run_completes_and_rank_0_alone_writes(noiseless):
     # The carried state of all 4 columns (both ranks'), and one generator state per rank.
     assert [tuple(h.shape) for h, _ in last["hidden"]] == [(4, 16), (4, 16)]
     assert len(last["rng_ranks"]) == 2
+    # train.ddp_noise=global: one stream on every rank, each keeping its columns of the draws.
     assert torch.equal(last["rng"]["torch"], last["rng_ranks"][0]["torch"])
-    assert not torch.equal(last["rng_ranks"][0]["torch"], last["rng_ranks"][1]["torch"])
+    assert torch.equal(last["rng_ranks"][0]["torch"], last["rng_ranks"][1]["torch"])
 
 
 def test_ddp_losses_equal_one_process_of_the_same_global_batch(noiseless):
@@ -110,6 +111,53 @@ def test_ddp_losses_equal_one_process_of_the_same_global_batch(noiseless):
     wa, wb = checkpoint.load(one / "last.pt")["model"], checkpoint.load(two / "last.pt")["model"]
     for k in wa:
         assert torch.allclose(wa[k], wb[k], rtol=1e-4, atol=1e-6), k
+
+
+def one_process(corpus, out, *extra, **settings):
+    cwd = os.getcwd()
+    os.chdir(REPO)
+    try:
+        assert train_script.main(["recipes/word_ptb.yaml", *tiny_overrides(corpus, out, **settings),
+                                  *extra]) == 0
+    finally:
+        os.chdir(cwd)
+    return metrics(out / "word_ptb")
+
+
+@pytest.mark.parametrize("noise", [
+    # Shared WD (one DropConnect mask per batch) with every locked dropout of word_ptb.yaml on.
+    {"model.lstm.flipout": "false"},
+    # Gauss + flipout: one shared ΔŴ, signs per example; the dropouts off, standard dropout on.
+    {"model.lstm.weight_drop": 0, "model.lstm.weight_noise": 0.5, "model.embedding_dropout": 0,
+     "model.input_dropout": 0, "model.layer_dropout": 0.3, "model.dropout_type": "standard"},
+])
+def test_ddp_with_noise_equals_one_process_of_the_same_global_batch(corpus, tmp_path, noise):
+    """The default train.ddp_noise=global: two ranks draw what one process draws for the whole
+    batch, so a shared perturbation stays shared and the losses agree (per_rank would not)."""
+    settings = {**SHORT, **noise}
+    proc = torchrun(corpus, tmp_path / "two", **settings)
+    assert proc.returncode == 0, proc.stderr
+    two, one = metrics(tmp_path / "two" / "word_ptb"), one_process(corpus, tmp_path / "one", **settings)
+    rel = max(abs(x["loss"] - y["loss"]) / abs(x["loss"]) for x, y in zip(one, two))
+    assert len(one) == len(two) and rel < 1e-5, rel
+    independent = torchrun(corpus, tmp_path / "per_rank", "train.ddp_noise=per_rank", **settings)
+    assert independent.returncode == 0, independent.stderr
+    apart = metrics(tmp_path / "per_rank" / "word_ptb")
+    assert max(abs(x["loss"] - y["loss"]) / abs(x["loss"]) for x, y in zip(one, apart)) > 1e-3
+
+
+def test_ddp_checkpoint_resumes_in_one_process_exactly(corpus, tmp_path):
+    """With one noise stream on every rank, a run written by two processes continues in one (or
+    any number) exactly: the losses after the resume are an uninterrupted 2-rank run's."""
+    settings = {**SHORT, "train.max_steps": 12}
+    full = torchrun(corpus, tmp_path / "full", **settings)
+    assert full.returncode == 0, full.stderr
+    part = torchrun(corpus, tmp_path / "part", **{**settings, "train.max_steps": 5})
+    assert part.returncode == 0, part.stderr
+    b = one_process(corpus, tmp_path / "part", "--resume", **settings)
+    a = metrics(tmp_path / "full" / "word_ptb")
+    assert [(l["step"], l["split"]) for l in a] == [(l["step"], l["split"]) for l in b]
+    assert max(abs(x["loss"] - y["loss"]) / abs(x["loss"]) for x, y in zip(a, b)) < 1e-5
 
 
 @pytest.fixture(scope="module")

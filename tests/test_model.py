@@ -86,3 +86,19 @@ def test_recipe_regularizers_reach_the_layer(field):
     cfg = ModelConfig(embedding_size=8, hidden_size=8, num_layers=2, lstm=LSTMConfig(**{field: 0.25}))
     model = LanguageModel(cfg, vocab_size=30)
     assert all(getattr(layer, field) == 0.25 for layer in model.layers)
+
+
+def test_uniform_init_draws_every_weight_in_range_and_zeroes_the_lstm_biases():
+    """model.init=uniform (Zaremba et al.): every weight U(-s, s), the LSTM biases (forget gate
+    included) 0, the decoder bias drawn like the weights (as the TF PTB tutorial does)."""
+    from lm.config import ModelConfig
+
+    torch.manual_seed(0)
+    model = LanguageModel(ModelConfig(init="uniform", init_scale=0.05, embedding_size=24,
+                                      hidden_size=32, num_layers=2), vocab_size=300)
+    for name, p in model.named_parameters():
+        if name.startswith("layers.") and "bias" in name:
+            assert torch.count_nonzero(p) == 0, name
+        else:
+            assert p.abs().max() <= 0.05 and p.abs().max() > 0.045, name  # the whole range is used
+            assert abs(p.mean().item()) < 0.01 and abs(p.std().item() - 0.05 / 3 ** 0.5) < 0.005, name

@@ -70,3 +70,47 @@ def test_a_schedule_state_without_a_window_start_reads_as_the_start():
     schedule = make_schedule("once_per_window")
     schedule.load_state_dict({"history": LOSSES[:5], "fired": 0, "averaged": None})
     assert schedule.start == 0 and feed(schedule, LOSSES[5:], first=5) == FIRES["once_per_window"]
+
+
+def test_step_schedule_is_zarembas_rule():
+    """decay_start=4, lr_decay=2: epochs 1-4 at lr, then halved after every epoch (the TF PTB
+    tutorial's lr * 0.5 ** max(i + 1 - 4, 0) for epoch i from 0)."""
+    weight = torch.nn.Parameter(torch.zeros(1))
+    cfg = OptimConfig(name="sgd", lr=1.0, schedule="step", decay_start=4, decay_every=1, lr_decay=2.0)
+    schedule = Schedule(cfg, torch.optim.SGD([weight], lr=1.0), torch.nn.Linear(1, 1))
+    rates, messages = [], []
+    for epoch in range(13):
+        messages.append(schedule.start_epoch(epoch))
+        rates.append(schedule.optimizer.param_groups[0]["lr"])
+    assert rates == [0.5 ** max(i + 1 - 4, 0) for i in range(13)]
+    assert messages[:4] == [None] * 4 and all(m and "optim.lr / 2^" in m for m in messages[4:])
+    assert schedule.start_epoch(12) is None  # a resumed epoch: the rate is already right
+    assert schedule.after_eval(5.0) is None and schedule.after_eval(9.0) is None  # no loss-driven decay
+
+
+def test_step_schedule_every_k_epochs_and_other_schedules_untouched():
+    weight = torch.nn.Parameter(torch.zeros(1))
+    cfg = OptimConfig(name="sgd", lr=8.0, schedule="step", decay_start=2, decay_every=3, lr_decay=2.0)
+    schedule = Schedule(cfg, torch.optim.SGD([weight], lr=8.0), torch.nn.Linear(1, 1))
+    rates = []
+    for epoch in range(9):
+        schedule.start_epoch(epoch)
+        rates.append(schedule.lr)
+    assert rates == [8, 8, 4, 4, 4, 2, 2, 2, 1]
+    for name in ("constant", "decay", "ntasgd"):
+        other = Schedule(OptimConfig(name="sgd", lr=8.0, schedule=name), torch.optim.SGD([weight], lr=8.0),
+                         torch.nn.Linear(1, 1))
+        assert other.start_epoch(7) is None and other.lr == 8.0
+
+
+@pytest.mark.parametrize("override, message", [
+    ("optim.decay_start=-1", r"optim.decay_start: must be >= 0 epochs"),
+    ("optim.decay_every=0", r"optim.decay_every: must be a positive number of epochs"),
+    ("optim.schedule=steps", r"optim.schedule: 'steps' is not one of .*'step' \(did you mean 'step'\?\)"),
+])
+def test_step_schedule_config_errors(override, message):
+    from lm.config import load_config
+    from lm.errors import ConfigError
+
+    with pytest.raises(ConfigError, match=message):
+        load_config(None, [override])

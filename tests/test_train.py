@@ -261,3 +261,110 @@ def test_a_second_signal_waits_for_a_checkpoint_write(capsys):
     assert written and e.value.signum == signal.SIGINT
     with pytest.raises(train_script.StopNow):
         stop(signal.SIGTERM, None)  # outside a write: at once
+
+
+# ----------------------------------------------------------------------------- finished runs, resume
+
+
+def nan_validation(monkeypatch):
+    """Every validation scores NaN, as a model whose weights diverged only on held-out text."""
+    real = train_script.evaluate
+
+    def diverged(model, data, **kw):
+        result = real(model, data, **kw)
+        return {**result, "loss": float("nan")} if data is not None and kw.get("bptt") else result
+
+    monkeypatch.setattr(train_script, "evaluate", diverged)
+
+
+def error_lines(text):
+    return [line for line in text.splitlines() if line.startswith("error: ")]
+
+
+def test_nonfinite_first_validation_is_an_error_and_keeps_the_checkpoint(tiny_ptb, tmp_path,
+                                                                         monkeypatch, capsys):
+    nan_validation(monkeypatch)
+    settings = {"train.max_steps": 9, "train.checkpoint_every": 3, "train.eval_every": 4}
+    assert run_train("word_ptb", tiny_ptb, tmp_path, **settings) == 2
+    (line,) = error_lines(capsys.readouterr().err)
+    assert "non-finite validation loss at step 4" in line and "ckpt-00000003.pt" in line
+    assert "train.on_nonfinite=skip" in line
+    assert checkpoint.load(tmp_path / "word_ptb" / "last.pt")["progress"]["step"] == 3
+
+
+def test_skipped_nonfinite_validations_end_with_their_own_message(tiny_ptb, tmp_path, monkeypatch, capsys):
+    nan_validation(monkeypatch)
+    settings = {"train.max_steps": 9, "train.checkpoint_every": 3, "train.eval_every": 4,
+                "train.on_nonfinite": "skip"}
+    assert run_train("word_ptb", tiny_ptb, tmp_path, **settings) == 2
+    err = capsys.readouterr().err
+    (line,) = error_lines(err)
+    assert "no validation of" in line and "had a finite loss" in line and "ckpt-00000009.pt" in line
+    assert "last.pt" not in line.replace("ckpt-00000009.pt", "")  # not evaluate.py's advice
+    assert "step 4: non-finite validation loss" in err
+    assert checkpoint.load(tmp_path / "word_ptb" / "last.pt")["progress"]["step"] == 9
+
+
+@pytest.mark.parametrize("bound, raised", [
+    ({"train.max_steps": 6}, {"train.max_steps": 9}),
+    ({"train.max_steps": 60, "train.eval_every": 2, "train.patience": 1, "optim.lr": 1000.0},
+     {"train.patience": 3}),
+])
+def test_a_finished_run_stays_finished_unless_its_bound_is_raised(tiny_ptb, tmp_path, capsys, bound, raised):
+    settings = {"train.checkpoint_every": 3, **bound}
+    assert run_train("word_ptb", tiny_ptb, tmp_path, **settings) == 0
+    run = tmp_path / "word_ptb"
+    before, best = (run / "metrics.jsonl").read_bytes(), (run / "best.pt").read_bytes()
+    step = checkpoint.load(run / "last.pt")["progress"]["step"]
+    capsys.readouterr()
+    for _ in range(2):  # the same arguments: nothing trains, nothing is rewritten
+        assert train_script.main(["recipes/word_ptb.yaml", *tiny_overrides(tiny_ptb, tmp_path, **settings),
+                                  "--resume"]) == 0
+        out = capsys.readouterr().out
+        assert f"is finished at step {step}" in out and "raise train." in out
+        assert (run / "metrics.jsonl").read_bytes() == before and (run / "best.pt").read_bytes() == best
+    # Raising the bound that ended it trains on, and config.yaml records the new bound.
+    assert train_script.main(["recipes/word_ptb.yaml", *tiny_overrides(tiny_ptb, tmp_path, **{**settings, **raised}),
+                              "--resume"]) == 0
+    assert checkpoint.load(run / "last.pt")["progress"]["step"] > step
+    key, value = next(iter(raised.items()))
+    assert f"{key.split('.')[1]}: {value}" in (run / "config.yaml").read_text()
+
+
+def test_resume_refuses_a_changed_experiment_and_applies_a_changed_bound(tiny_ptb, tmp_path, capsys):
+    settings = {"train.max_steps": 4, "train.checkpoint_every": 2}
+    assert run_train("word_ptb", tiny_ptb, tmp_path, **{**settings, "train.max_steps": 2}) == 0
+    capsys.readouterr()
+    for field, value in (("optim.lr", 0.01), ("model.lstm.flipout", "false"), ("train.ar", 1.0),
+                         ("data.eval_batch_size", 8), ("train.eval_every", 1)):
+        code = train_script.main(["recipes/word_ptb.yaml", "--resume",
+                                  *tiny_overrides(tiny_ptb, tmp_path, **{**settings, field: value})])
+        (line,) = error_lines(capsys.readouterr().err)
+        assert code == 2 and f"the recipe differs in {field} (checkpoint" in line, line
+    run = tmp_path / "word_ptb"
+    assert checkpoint.load(run / "last.pt")["progress"]["step"] == 2
+    assert train_script.main(["recipes/word_ptb.yaml", "--resume",
+                              *tiny_overrides(tiny_ptb, tmp_path, **{**settings, "train.log_every": 1})]) == 0
+    out = capsys.readouterr().out
+    assert "with train.max_steps 2 -> 4, train.log_every 2 -> 1 (recorded in config.yaml)" in out
+    recorded = (run / "config.yaml").read_text()
+    assert "max_steps: 4" in recorded and "log_every: 1" in recorded
+    assert checkpoint.load(run / "last.pt")["config"]["train"]["max_steps"] == 4
+
+
+def test_zaremba_small_recipe_steps_its_rate_per_epoch(tiny_ptb, tmp_path):
+    """The anchor recipe's schedule through train.py: the logged rate of every step of epoch e
+    is 20 / 2^max(0, e - 4) (e from 1), and a resume mid-epoch keeps it."""
+    settings = {"train.epochs": 6, "train.log_every": 1, "train.checkpoint_every": 20, "data.bptt": 40}
+    assert run_train("zaremba_small", tiny_ptb, tmp_path, **{**settings, "train.max_steps": 50}) == 0
+    assert train_script.main(["recipes/zaremba_small.yaml", *tiny_overrides(tiny_ptb, tmp_path, **settings),
+                              "--resume"]) == 0
+    lines = metrics(tmp_path / "zaremba_small")
+    per_epoch = {}
+    for line in lines:
+        if line["split"] == "valid" and "epoch" in line:
+            per_epoch[round(line["epoch"])] = line["step"]
+    bounds = [0] + [per_epoch[e] for e in sorted(per_epoch)]
+    for line in (l for l in lines if l["split"] == "train"):
+        epoch = next(e for e in range(1, len(bounds)) if line["step"] <= bounds[e])
+        assert line["lr"] == 20.0 / 2 ** max(0, epoch - 4), (line["step"], epoch)

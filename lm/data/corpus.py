@@ -11,9 +11,10 @@ The vocabulary is built from the training split (see :class:`lm.data.vocab.Vocab
 unless one is passed in (resume / evaluation), in which case it is used unchanged.
 
 :func:`open_corpus` is what the trainer, ``evaluate.py`` and the samplers call: it reads any
-source (:mod:`lm.data.sources`) with any tokenizer (:mod:`lm.data.tokenizers`). PTB at its
-``data.level`` (no ``data.tokenizer``) goes through :func:`load_corpus` as above (one second,
-in memory); every other corpus or tokenizer is trained, encoded and cached on disk
+source (:mod:`lm.data.sources`) with any tokenizer (:mod:`lm.data.tokenizers`). PTB at the
+char or word level with Mikolov's vocabulary (no ``data.min_count``) goes through
+:func:`load_corpus` as above (one second, in memory); every other corpus or tokenizer is
+trained, encoded and cached on disk
 (:mod:`lm.data.cache`). Either way the corpus knows each split's raw character count, the
 denominator of ``bpc_raw`` (:func:`lm.evaluation.raw_bpc`).
 """
@@ -121,7 +122,7 @@ def open_corpus(dc, *, saved: dict | None = None, source: str = "the checkpoint"
     checkpoint's, so resumed and evaluated runs use the training run's ids.
     """
     kind = tokenizer_kind(dc)
-    if dc.source == "ptb" and dc.tokenizer is None:  # PTB at its level, as it always was
+    if dc.source == "ptb" and dc.level != "subword" and dc.min_count is None:  # PTB as published
         root = prepare_ptb(dc.root, dc.url, download=dc.download)
         vocab = tokenizer_from_checkpoint(saved, dc, source).vocab if saved is not None else None
         corpus = load_corpus(dc.level, root, vocab=vocab)

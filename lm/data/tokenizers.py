@@ -1,6 +1,6 @@
 """Tokenizers: text lines <-> id streams, each line's ids followed by ``<eos>`` (id 0).
 
-Kinds (``data.tokenizer``; when null, ``data.level`` decides, see :func:`tokenizer_kind`):
+Kinds (``data.level`` and the source decide, see :func:`tokenizer_kind`):
 
 * ``word`` -- ``line.split()``. The vocabulary is built from the training split: ``<eos>``,
   then every token seen at least ``data.min_count`` times in order of first occurrence, then
@@ -10,7 +10,7 @@ Kinds (``data.tokenizer``; when null, ``data.level`` decides, see :func:`tokeniz
   characters the training split lacks.
 * ``ptb_char`` -- PTB's character level (``data.source=ptb``, ``data.level=char``): the words
   of the line joined by ``_`` (:mod:`lm.data.chars`), no ``<unk>``.
-* ``sentencepiece`` -- a ``bpe`` or ``unigram`` model of ``data.vocab_size`` pieces trained with
+* ``sentencepiece`` -- (``data.level=subword``) a ``bpe`` or ``unigram`` model of ``data.vocab_size`` pieces trained with
   the ``sentencepiece`` library on the training split. Text is not normalized and whitespace
   is kept (``▁``), so decoding gives back the line exactly; id 0 is ``<eos>``, id 1 the unknown
   piece (characters never seen in training). Training reads the split as a stream and keeps a
@@ -51,13 +51,13 @@ _EOS_LINE = (EOS,)
 
 
 def tokenizer_kind(dc) -> str:
-    """The tokenizer a data config asks for: ``data.tokenizer``, else one named by ``data.level``.
+    """The tokenizer a data config asks for, from ``data.level``.
 
-    ``level: char`` means PTB's ``_``-joined view on ``source: ptb`` and plain characters on
-    any other source; ``level: word`` means ``word`` everywhere.
+    ``char`` means PTB's ``_``-joined view on ``source: ptb`` and plain characters on any other
+    source; ``word`` means ``word`` everywhere; ``subword`` means ``sentencepiece``.
     """
-    if dc.tokenizer is not None:
-        return dc.tokenizer
+    if dc.level == "subword":
+        return "sentencepiece"
     if dc.level == "char":
         return "ptb_char" if dc.source == "ptb" else "char"
     return "word"
@@ -80,8 +80,9 @@ class Tokenizer:
 
     @property
     def metric_level(self) -> str:
-        """``'char'`` when a token is one character (bpc per token), else the kind (ppl)."""
-        return "char" if self.kind in ("char", "ptb_char") else self.kind
+        """The ``data.level`` of this kind: ``'char'`` when a token is one character (bpc per
+        token), ``'subword'`` for sentencepiece pieces, else ``'word'`` (both perplexity)."""
+        return {"char": "char", "ptb_char": "char", "sentencepiece": "subword"}.get(self.kind, "word")
 
     # --- encoding ------------------------------------------------------------------
     def tokens(self, line: str) -> Iterable[str]:

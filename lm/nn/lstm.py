@@ -11,6 +11,11 @@ Two execution paths, chosen per call:
   inside the recurrence per sequence or per step (Gal, zoneout, Semeniuta), and zoneout's
   expectation in eval. Set ``lstm.force_custom = True`` to use it for every call (tests).
 
+A :class:`torch.nn.utils.rnn.PackedSequence` input runs through either path with
+``torch.nn.LSTM``'s semantics (``LSTM._forward_packed``): the fused path calls the kernel's
+packed overload; the custom one pads, freezes finished sequences (``h_t = m_t ∘ h'_t +
+(1 - m_t) ∘ h_{t-1}``, likewise ``c_t``) and packs the output again.
+
 Parameters, their names, shapes and initialization are ``torch.nn.LSTM``'s (this class is
 a subclass), so state dicts move both ways.
 """
@@ -19,11 +24,12 @@ from __future__ import annotations
 import dataclasses
 import math
 import warnings
-from typing import Optional, Tuple
+from typing import Optional, Tuple, Union
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.nn.utils.rnn import PackedSequence
 
 from lm.errors import ConfigError
 
@@ -75,8 +81,12 @@ class LSTM(nn.LSTM):
 
     ``forward(input, hx=None, *, noise=None)`` returns ``output, (h_n, c_n)`` shaped as
     ``torch.nn.LSTM``'s. An integer ``input`` of shape (T, B) (or (B, T), or (T,) unbatched)
-    holds one-hot indices into ``input_size`` classes. ``noise`` (from :meth:`sample_noise`)
-    replaces the call's own draw; noise only acts in training mode.
+    holds one-hot indices into ``input_size`` classes. A ``PackedSequence`` (float data
+    (N, input_size) or integer (N,)) gives a ``PackedSequence`` output and each sequence's
+    ``h_n``, ``c_n`` at its own last step, in the caller's batch order; noise rows index
+    that order too, with B = ``batch_sizes[0]`` and T = ``len(batch_sizes)``. ``noise``
+    (from :meth:`sample_noise`) replaces the call's own draw; noise only acts in training
+    mode.
 
     ``force_custom`` (attribute, default ``False``): run the custom recurrence even where
     the fused kernel would do.
@@ -239,14 +249,18 @@ class LSTM(nn.LSTM):
         return LSTMNoise(layers=tuple(layers), batch_size=B, seq_len=steps)
 
     # ------------------------------------------------------------------ forward
-    def forward(self, input: Tensor, hx: Optional[Tuple[Tensor, Tensor]] = None, *,
+    def forward(self, input: Union[Tensor, PackedSequence],
+                hx: Optional[Tuple[Tensor, Tensor]] = None, *,
                 noise: Optional[LSTMNoise] = None):
         """``output, (h_n, c_n)`` as ``torch.nn.LSTM``; ``noise`` replaces this call's draw.
 
         Training draws (or takes) one :class:`LSTMNoise` for the whole call, so sign vectors
         and per-sequence masks hold over its steps; eval uses the mean weights (and zoneout's
-        expectation) and ignores ``noise``.
+        expectation) and ignores ``noise``. A :class:`PackedSequence` input gives a
+        :class:`PackedSequence` output (see :meth:`_forward_packed`).
         """
+        if isinstance(input, PackedSequence):
+            return self._forward_packed(input, hx, noise)
         index = not (input.is_floating_point() or input.is_complex())
         batched = input.dim() == (2 if index else 3)
         if input.dim() != (2 if index else 3) - (0 if batched else 1):
@@ -262,30 +276,9 @@ class LSTM(nn.LSTM):
             if hx is not None:
                 hx = (hx[0].unsqueeze(1), hx[1].unsqueeze(1))
         B, T = input.size(bdim), input.size(1 - bdim)
-        ref = self.weight_hh_l0
-        L, H = self.num_layers, self.hidden_size
-        if hx is None:
-            z = torch.zeros(L, B, H, device=ref.device, dtype=ref.dtype)
-            hx = (z, z)
-        elif hx[0].shape != (L, B, H) or hx[1].shape != (L, B, H):
-            raise ValueError(f"LSTM: expected h0 and c0 of shape {(L, B, H)}, got "
-                             f"{tuple(hx[0].shape)} and {tuple(hx[1].shape)}")
-
-        training_noise = self.training and self._has_noise
-        if training_noise:
-            if noise is None:
-                noise = self.sample_noise(B, seq_len=T)
-            else:
-                if noise.batch_size != B:
-                    raise ValueError(f"LSTM: noise was sampled for batch_size={noise.batch_size} "
-                                     f"but the input has batch size {B}")
-                noise = self._with_step_masks(noise, T, device=ref.device, dtype=ref.dtype)
-        else:
-            noise = None
-
-        custom = self.force_custom or (self._recurrent_noise if self.training
-                                       else bool(self.zoneout_cell or self.zoneout_hidden))
-        if custom:
+        hx = self._initial_state(hx, B)
+        noise = self._call_noise(noise, B, T)
+        if self._use_custom():
             out, h_n, c_n = self._forward_custom(input, hx, noise, index)
         else:
             out, h_n, c_n = self._forward_fused(input, hx, noise, index)
@@ -293,8 +286,96 @@ class LSTM(nn.LSTM):
             out, h_n, c_n = out.squeeze(bdim), h_n.squeeze(1), c_n.squeeze(1)
         return out, (h_n, c_n)
 
-    def _forward_fused(self, input, hx, noise, index):
-        """One ``torch._VF.lstm`` call over all layers with (possibly perturbed) weights."""
+    def _initial_state(self, hx, B: int):
+        """``hx`` checked against (L, B, H), or zeros."""
+        ref = self.weight_hh_l0
+        L, H = self.num_layers, self.hidden_size
+        if hx is None:
+            z = torch.zeros(L, B, H, device=ref.device, dtype=ref.dtype)
+            return (z, z)
+        if hx[0].shape != (L, B, H) or hx[1].shape != (L, B, H):
+            raise ValueError(f"LSTM: expected h0 and c0 of shape {(L, B, H)}, got "
+                             f"{tuple(hx[0].shape)} and {tuple(hx[1].shape)}")
+        return hx
+
+    def _call_noise(self, noise: Optional[LSTMNoise], B: int, T: int) -> Optional[LSTMNoise]:
+        """This call's noise for B sequences of T steps: drawn, or ``noise`` checked and its
+        per-step masks drawn or cut to T; ``None`` where no noise acts (eval, none set)."""
+        if not (self.training and self._has_noise):
+            return None
+        if noise is None:
+            return self.sample_noise(B, seq_len=T)
+        if noise.batch_size != B:
+            raise ValueError(f"LSTM: noise was sampled for batch_size={noise.batch_size} "
+                             f"but the input has batch size {B}")
+        ref = self.weight_hh_l0
+        return self._with_step_masks(noise, T, device=ref.device, dtype=ref.dtype)
+
+    def _use_custom(self) -> bool:
+        return self.force_custom or (self._recurrent_noise if self.training
+                                     else bool(self.zoneout_cell or self.zoneout_hidden))
+
+    def _forward_packed(self, seq: PackedSequence, hx, noise):
+        """A :class:`PackedSequence` through either path, with ``torch.nn.LSTM``'s semantics.
+
+        ``seq.data`` (N, I) (or (N,) indices) holds, step by step, the still running
+        sequences in *sorted* order (longest first): column ``j`` of step ``t`` is example
+        ``b = sorted_indices[j]`` of the caller's batch, present while ``j < batch_sizes[t]``.
+        ``hx``, ``h_n``, ``c_n`` and the noise's per-example rows (flipout signs, Gal and
+        Semeniuta masks, zoneout masks ``[t, b]``) are in the caller's order, as for a plain
+        (T, B, ·) tensor with T = ``len(batch_sizes)`` and B = ``batch_sizes[0]``, so a
+        packed batch whose sequences all have T steps computes what the plain tensor does
+        (the same draws from the same RNG state). ``batch_first`` plays no part.
+
+        * Fused: ``torch._VF.lstm``'s packed overload with the (shared-perturbed) weights;
+          ``hx`` is put into sorted order and ``h_n``, ``c_n`` back, as torch does.
+        * Custom: the data are scattered into a zero-padded (T, B, ·) tensor in the caller's
+          order, with the validity mask ``m_t[b] = [t < len_b]``, and the recurrence
+          freezes finished sequences (:meth:`_forward_custom`); the output is gathered back
+          at the valid positions. Padded steps get no gradient and give none (the gather's
+          backward is zero there, and a frozen step's gate gradient ``δa_t`` is zero).
+        """
+        data, batch_sizes, sorted_indices, unsorted_indices = seq
+        index = not (data.is_floating_point() or data.is_complex())
+        if data.dim() != (1 if index else 2):
+            want = "(N,) indices" if index else "(N, input_size)"
+            raise ValueError(f"LSTM: expected packed data of shape {want}, got {tuple(data.shape)}")
+        if not index and data.size(-1) != self.input_size:
+            raise ValueError(f"LSTM: input.size(-1) must be {self.input_size}, got {data.size(-1)}")
+        if index:
+            data = data.long()
+        T, B = batch_sizes.numel(), int(batch_sizes[0])
+        hx = self._initial_state(hx, B)
+        noise = self._call_noise(noise, B, T)
+        if self._use_custom():
+            dev = data.device
+            bs = batch_sizes.to(dev)
+            cols = torch.arange(B, device=dev)
+            example = cols if sorted_indices is None else sorted_indices
+            # pos[k]: the flat (t, b) position, b in the caller's order, of packed row k.
+            pos = (torch.arange(T, device=dev).unsqueeze(1) * B + example)[cols < bs.unsqueeze(1)]
+            x = data.new_zeros((T * B,) + data.shape[1:]).index_copy(0, pos, data)
+            x = x.view((T, B) + data.shape[1:])
+            valid = None
+            if int(batch_sizes[-1]) != B:        # some sequences end early: freeze them
+                valid = torch.zeros(T * B, dtype=torch.bool, device=dev).index_fill_(0, pos, True)
+                valid = valid.view(T, B)
+            out, h_n, c_n = self._forward_custom(x, hx, noise, index, time_major=True,
+                                                 valid=valid)
+            out = out.reshape(T * B, self.hidden_size).index_select(0, pos)
+        else:
+            if sorted_indices is not None:
+                hx = (hx[0].index_select(1, sorted_indices), hx[1].index_select(1, sorted_indices))
+            out, h_n, c_n = self._forward_fused(data, hx, noise, index, batch_sizes=batch_sizes)
+            if unsorted_indices is not None:
+                h_n = h_n.index_select(1, unsorted_indices)
+                c_n = c_n.index_select(1, unsorted_indices)
+        return PackedSequence(out, batch_sizes, sorted_indices, unsorted_indices), (h_n, c_n)
+
+    def _forward_fused(self, input, hx, noise, index, batch_sizes: Optional[Tensor] = None):
+        """One ``torch._VF.lstm`` call over all layers with (possibly perturbed) weights;
+        with ``batch_sizes``, ``input`` is a PackedSequence's data and the packed overload
+        runs (``hx`` in sorted order)."""
         if index:
             # The fused kernel wants dense input; input_size is small wherever indices are used.
             input = F.one_hot(input, self.input_size).to(self.weight_ih_l0.dtype)
@@ -310,15 +391,19 @@ class LSTM(nn.LSTM):
                     w_hh = torch.addcmul(w_hh, w_hh, ln.hh_delta)
                 weights += [w_ih, w_hh] + ([b_ih, b_hh] if self.bias else [])
         h0, c0 = hx
+        if batch_sizes is None:
+            args = (input, (h0, c0), weights, self.bias, self.num_layers, self.dropout,
+                    self.training, False, self.batch_first)
+        else:
+            args = (input, batch_sizes, (h0, c0), weights, self.bias, self.num_layers,
+                    self.dropout, self.training, False)
         if input.is_cuda and noise is not None:
             # Perturbed weights are fresh tensors, so cuDNN must pack them each call: expected.
             with warnings.catch_warnings():
                 warnings.filterwarnings("ignore", message=".*contiguous chunk of memory.*")
-                res = torch._VF.lstm(input, (h0, c0), weights, self.bias, self.num_layers,
-                                     self.dropout, self.training, False, self.batch_first)
+                res = torch._VF.lstm(*args)
         else:
-            res = torch._VF.lstm(input, (h0, c0), weights, self.bias, self.num_layers,
-                                 self.dropout, self.training, False, self.batch_first)
+            res = torch._VF.lstm(*args)
         return res[0], res[1], res[2]
 
     def _input_projection(self, layer: int, x: Tensor, ln: Optional[LayerNoise], index: bool):
@@ -353,9 +438,27 @@ class LSTM(nn.LSTM):
             xp = xp + xs.mm((w_ih * ln.ih_delta).t()).view(T, B, G) * ln.ih_r
         return xp
 
-    def _forward_custom(self, input, hx, noise, index):
-        """Layer by layer through :class:`LSTMRecurrence`, time-major inside."""
-        x = input.transpose(0, 1) if self.batch_first else input
+    def _forward_custom(self, input, hx, noise, index, *, time_major: bool = False,
+                        valid: Optional[Tensor] = None):
+        """Layer by layer through :class:`LSTMRecurrence`, time-major inside.
+
+        ``time_major``: ``input`` is (T, B, ·) whatever ``batch_first`` says, and so is the
+        output (a packed input's padded form). ``valid`` (T, B) bool, ``m_t[b]``: whether
+        step t of sequence b is real; finished sequences keep their state::
+
+            h_t = m_t ∘ h'_t + (1 - m_t) ∘ h_{t-1},    c_t = m_t ∘ c'_t + (1 - m_t) ∘ c_{t-1}
+
+        with ``h'_t``, ``c'_t`` the step's result (zoneout included). That is zoneout with
+        weight ``z'_t = z_t`` where ``m_t = 1`` and ``z'_t = 1`` where ``m_t = 0`` (``z = 0``
+        without zoneout, ``p`` for its eval expectation), so the recurrence runs unchanged
+        on ``z'``. Its backward then gives ``δĥ = (1 - z'^h) ∘ δh_t = 0`` and
+        ``δĉ = (1 - z'^c) ∘ δc_t + δĥ ∘ … = 0`` at a frozen step, hence ``δa_t = 0``: no
+        gradient reaches the input projection (so the input) or ``W_hh`` there, while
+        ``δh_{t-1} = δh_t``, ``δc_{t-1} = δc_t`` carry the state's gradient through. The
+        returned ``h_n``, ``c_n`` are then each sequence's state at its last real step.
+        """
+        time_major = time_major or not self.batch_first
+        x = input if time_major else input.transpose(0, 1)
         if not index:
             x = x.contiguous()
         h0, c0 = hx
@@ -371,6 +474,13 @@ class LSTM(nn.LSTM):
             if self.zoneout_hidden:
                 eval_zh = torch.full((1, 1, 1), self.zoneout_hidden, dtype=ref.dtype,
                                      device=ref.device).expand(T, B, H)
+        if valid is not None:
+            keep = valid.unsqueeze(-1)                                  # m_t, (T, B, 1)
+            # z' without zoneout (z = 0): 1 - m_t, one (T, B, H) tensor for every layer.
+            frozen = (~keep).to(self.weight_hh_l0.dtype).expand(T, B, H).contiguous()
+
+            def freeze(z):
+                return frozen if z is None else torch.where(keep, z, 1.0)
         hs, cs = [], []
         for layer in range(self.num_layers):
             ln = noise.layers[layer] if noise is not None else None
@@ -387,11 +497,13 @@ class LSTM(nn.LSTM):
                 m, zc, zh, cm = ln.hidden_mask, ln.zoneout_cell, ln.zoneout_hidden, ln.cell_mask
             else:
                 zc, zh = eval_zc, eval_zh
+            if valid is not None:
+                zc, zh = freeze(zc), freeze(zh)
             out, h_n, c_n = lstm_recurrence(xp, h0[layer], c0[layer], w, e, r, s, m, zc, zh, cm)
             hs.append(h_n)
             cs.append(c_n)
             if layer < self.num_layers - 1 and self.dropout and self.training:
                 out = F.dropout(out, self.dropout, True)
             x = out
-        out = x.transpose(0, 1) if self.batch_first else x
+        out = x if time_major else x.transpose(0, 1)
         return out, torch.stack(hs), torch.stack(cs)

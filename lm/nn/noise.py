@@ -27,7 +27,7 @@ from __future__ import annotations
 
 import functools
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Optional, Tuple
 
 import torch
@@ -76,6 +76,21 @@ class LSTMNoise:
     layers: Tuple[LayerNoise, ...]
     batch_size: int
     seq_len: Optional[int] = None
+
+    def columns(self, cols: slice) -> "LSTMNoise":
+        """The noise of examples ``cols`` of the batch: the base perturbations whole, the
+        per-example sign vectors and masks cut (their batch dimension is the first of a
+        (B, ·) tensor, the second of a per-step (T, B, H) one)."""
+        def cut(t):
+            if t is None:
+                return None
+            return t[cols] if t.dim() == 2 else t[:, cols]
+        per_example = ("hh_r", "hh_s", "ih_r", "ih_s", "hidden_mask", "zoneout_cell",
+                       "zoneout_hidden", "cell_mask")
+        layers = tuple(replace(ln, **{k: cut(getattr(ln, k)) for k in per_example})
+                       for ln in self.layers)
+        return LSTMNoise(layers=layers, batch_size=len(range(self.batch_size)[cols]),
+                         seq_len=self.seq_len)
 
 
 def bernoulli(shape, keep: float, *, device, dtype, scale: bool) -> Tensor:

@@ -28,7 +28,7 @@ import torch
 from lm import checkpoint
 from lm.config import config_from_dict, resolve_device
 from lm.data import open_corpus, tokenizer_from_checkpoint
-from lm.errors import UserError
+from lm.errors import DataError, UserError, with_option
 from lm.evaluation import eval_warmup, evaluate, evaluate_mc, figures, raw_bpc
 from lm.model import LanguageModel
 
@@ -42,7 +42,8 @@ def parse_args(argv):
     p.add_argument("--bptt", type=int, default=None, help="steps per chunk (default: the recipe's)")
     p.add_argument("--data-root", default=None,
                    help="folder with ptb.*.txt (default: the recipe's data.root, $LM_DATA_ROOT, data/ptb)")
-    p.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N")
+    p.add_argument("--device", default="auto",
+                   help="auto (CUDA when present, else the CPU, as in training), cpu, cuda or cuda:N")
     p.add_argument("--json", action="store_true", help="print one JSON object")
     p.add_argument("--warmup", type=int, default=None, metavar="W",
                    help="tokens each column reads unscored before its start (default: the recipe's "
@@ -85,6 +86,18 @@ def main(argv=None) -> int:
     return 0
 
 
+def open_split(data_cfg, ckpt: dict, args):
+    """The checkpoint's corpus with the split to score; ``--data-root`` overrides the recipe's
+    ``data.root``, and a missing corpus is advised in this command's terms (``--data-root``,
+    not the recipe key it cannot take)."""
+    if args.data_root:
+        data_cfg.root = args.data_root
+    try:
+        return open_corpus(data_cfg, saved=ckpt, source=args.checkpoint, splits=(args.split,))
+    except DataError as exc:
+        raise with_option(exc, "data.root", "--data-root") from None
+
+
 def run(args) -> dict:
     for flag in ("batch_size", "bptt", "reset_every", "threads", "mc_samples"):
         value = getattr(args, flag)
@@ -101,9 +114,7 @@ def run(args) -> dict:
     model = LanguageModel(cfg.model, len(vocab))
     checkpoint.load_model_state(model, checkpoint.eval_weights(ckpt), args.checkpoint)
     model.to(device)
-    if args.data_root:
-        cfg.data.root = args.data_root
-    corpus = open_corpus(cfg.data, saved=ckpt, source=args.checkpoint, splits=(args.split,))
+    corpus = open_split(cfg.data, ckpt, args)
     batch_size = args.batch_size or cfg.data.eval_batch_size
     warmup = eval_warmup(cfg.data) if args.warmup is None else args.warmup
     scoring = dict(batch_size=batch_size, bptt=args.bptt or cfg.data.eval_bptt or cfg.data.bptt,

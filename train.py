@@ -33,7 +33,7 @@ from lm.config import Config, load_config, resolve_device, resume_changes
 from lm.data import TrainStream, open_corpus
 from lm.errors import CheckpointError, UserError
 from lm.evaluation import eval_warmup, evaluate, figures, headline, raw_bpc
-from lm.metrics import MetricsLog, NullLog, write_run_summary
+from lm.metrics import MetricsLog, NullLog, provenance, write_run_summary
 from lm.model import Columns, LanguageModel, cross_entropy_sum, detach_state
 from lm.optim import EarlyStopping, Schedule, build_optimizer
 
@@ -297,7 +297,8 @@ def train(args, stop: StopSignal, ctx: distributed.Context = distributed.Context
     base_lr = cfg.optim.lr
     progress = {"epoch": 0, "batch": 0, "step": 0, "skipped": 0, "window_loss": 0.0,
                 "window_steps": 0, "last_eval": -1, "last_ckpt": -1, "metrics_lines": 0,
-                "wall_seconds": 0.0, "step_seconds": 0.0, "tokens_seen": 0, "eval_walls": []}
+                "wall_seconds": 0.0, "step_seconds": 0.0, "tokens_seen": 0, "eval_walls": [],
+                "segments": []}
     state = None
     if saved is not None:
         checkpoint.load_model_state(model, saved["model"], path)
@@ -320,6 +321,7 @@ def train(args, stop: StopSignal, ctx: distributed.Context = distributed.Context
                   f"{ctx.world}; the noise and dropout streams restart, so the losses will not "
                   f"repeat those of an uninterrupted run", file=sys.stderr)
             seed_everything(distributed.noise_seed(tc.seed, ctx.rank, progress["step"]))
+    progress.setdefault("segments", [])  # checkpoints older than the field have none
     ended = None if saved is None else finished_because(tc, progress, stopper)
     if ended and test_was_scored(run_dir, progress):  # a finished run stays finished
         print(f"{run_dir} is finished at step {progress['step']}: {ended}")
@@ -338,6 +340,7 @@ def train(args, stop: StopSignal, ctx: distributed.Context = distributed.Context
     except OSError as exc:
         raise UserError(f"cannot write the run directory {run_dir}: {exc.strerror or exc}; set "
                         f"train.out_dir to a writable folder") from None
+    progress["segments"].append(provenance(progress["step"], tc.precision))  # code, CPU, precision
     print(f"run {run_dir}: {corpus.description}, {model.num_parameters():,} parameters, "
           f"{stream.num_batches(progress['epoch'])} batches/epoch, device {device}"
           + (f", {ctx.world} processes of {dc.batch_size // ctx.world} columns" if ctx.enabled else ""))
@@ -350,7 +353,10 @@ def train(args, stop: StopSignal, ctx: distributed.Context = distributed.Context
         progress["wall_seconds"] += now - clock[0]
         clock[0] = now
         if ctx.main:
-            write_run_summary(run_dir, progress, model.num_parameters())
+            write_run_summary(run_dir, progress, model.num_parameters(),
+                              stream.num_batches(progress["epoch"]))
+
+    record_time()  # run.json from the start: lm.sweep reads the epoch's size there
 
     def snapshot() -> dict:
         """Everything needed to continue exactly where the loop stands now."""

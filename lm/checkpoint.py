@@ -21,6 +21,7 @@ import os
 import pickle
 import random
 import re
+import warnings
 import zipfile
 from pathlib import Path
 
@@ -60,22 +61,51 @@ def load(path: Path, map_location="cpu") -> dict:
     if what:
         raise CheckpointError(what)
     try:
-        obj = torch.load(path, map_location=map_location, weights_only=True)
+        with warnings.catch_warnings():
+            # Bytes that merely start like a pickle draw a warning about an odd "protocol"
+            # before the error below: one line on stderr, not two.
+            warnings.filterwarnings("ignore", message="Detected pickle protocol")
+            obj = torch.load(path, map_location=map_location, weights_only=True)
     except pickle.UnpicklingError as exc:
-        if "Weights only load failed" in str(exc) or "Unsupported global" in str(exc):
+        # weights_only refuses a pickled global (a callable, a class) by naming it: GLOBAL
+        # posix.system. Any other unpickling failure is bytes that are no pickle at all.
+        if "GLOBAL" in str(exc) or "Unsupported global" in str(exc):
             raise CheckpointError(
                 f"refusing to load {path}: it contains pickled Python objects (e.g. a callable), "
                 f"not just tensors and plain data; only checkpoints written by this trainer load"
             ) from None
-        raise CheckpointError(f"checkpoint {path} is corrupted ({exc}); use an earlier one") from None
+        # A whole zip archive is torch's own format with a damaged pickle inside it.
+        raise CheckpointError(_truncated(path, "unreadable pickled data") if zipfile.is_zipfile(path)
+                              else _unrecognised(path)) from None
     except (RuntimeError, EOFError, zipfile.BadZipFile, OSError, ValueError) as exc:
-        first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-        raise CheckpointError(f"checkpoint {path} is truncated or corrupted ({first}); "
-                              f"use an earlier checkpoint") from None
+        raise CheckpointError(_truncated(path, _reason(exc))) from None
     if not isinstance(obj, dict) or obj.get("format") != FORMAT or not REQUIRED <= obj.keys():
         raise CheckpointError(f"{path} is not a checkpoint of this trainer (format {FORMAT}); "
                               f"pass a best.pt, last.pt or ckpt-*.pt written by train.py")
     return obj
+
+
+def _truncated(path: Path, reason: str) -> str:
+    return f"checkpoint {path} is truncated or corrupted ({reason}); use an earlier checkpoint"
+
+
+def _unrecognised(path: Path) -> str:
+    return (f"{path} is not a PyTorch checkpoint (unrecognised bytes); pass a best.pt, last.pt "
+            f"or ckpt-*.pt written by train.py")
+
+
+def _reason(exc: Exception) -> str:
+    """torch's reason for an unreadable file as one short clause.
+
+    Its messages run to 300 characters of advice about miniz and file transfers; what the user
+    needs is what is wrong: a zip archive without its central directory, or a pickle that
+    stops short, is a file that ends too soon.
+    """
+    text = " ".join(str(exc).split())
+    if isinstance(exc, EOFError) or "central directory" in text or "unexpected EOF" in text:
+        return "unexpected end of file"
+    first = text.split(". ")[0].rstrip(".") or type(exc).__name__
+    return first if len(first) <= 80 else first[:77] + "..."
 
 
 def _missing(path: Path) -> str:
@@ -94,28 +124,36 @@ def _missing(path: Path) -> str:
 
 
 def _not_a_checkpoint(path: Path) -> str | None:
-    """A message for a file that is plainly no checkpoint (a recipe, a metrics log, any text).
+    """A message for a file that is plainly no checkpoint, saying what it is instead: empty, a
+    zip archive cut short, bytes of no known kind, or text (a recipe, a metrics log, any text).
 
-    torch.save writes a zip archive (magic ``PK\\x03\\x04``; older torch a pickle, first byte
-    ``0x80``); anything that instead reads as UTF-8 text is sniffed: JSON objects one per line
-    is a metrics log, a YAML mapping a recipe.
+    torch.save writes a zip archive (magic ``PK\\x03\\x04``, its central directory at the end;
+    older torch a pickle, first byte ``0x80``): a whole archive or a pickle goes on to
+    torch.load, which judges the rest. Other binary bytes are named here, since torch.load's
+    weights_only error for them reads like a pickled callable's. Anything that reads as UTF-8
+    text is sniffed: JSON objects one per line is a metrics log, a YAML mapping a recipe.
     """
     with open(path, "rb") as f:
         head = f.read(1 << 16)
-    if head[:4] == b"PK\x03\x04" or head[:1] == b"\x80" or b"\x00" in head:
-        return None  # binary: let torch.load judge it (and name a truncation)
+    if head[:4] == b"PK\x03\x04":
+        # A zip archive ends with its central directory: without one it was cut short.
+        return None if zipfile.is_zipfile(path) else _truncated(path, "unexpected end of file")
+    if head[:1] == b"\x80":
+        return None  # a pickle (torch's legacy format): let torch.load judge it
+    if not head:
+        return f"{path} is empty (0 bytes), not a checkpoint; {_instead(path)}"
+    if b"\x00" in head:
+        return _unrecognised(path)
     try:
         text = head.decode("utf-8")
     except UnicodeDecodeError as exc:
         if exc.start < len(head) - 4:  # not merely a character cut by the 64 KiB read
-            return None
+            return _unrecognised(path)
         text = head[:exc.start].decode("utf-8")
     lines = [line for line in text.splitlines() if line.strip()]
     if len(head) == (1 << 16) and len(lines) > 1:
         lines = lines[:-1]  # the last line may be cut
-    run = path.parent
-    ours = [p for p in (run / "best.pt", run / "last.pt") if p.is_file()]
-    instead = f"pass {ours[0]}" if ours else "pass a checkpoint such as checkpoints/<run>/best.pt"
+    instead = _instead(path)
     try:
         records = [json.loads(line) for line in lines]
     except ValueError:
@@ -132,6 +170,13 @@ def _not_a_checkpoint(path: Path) -> str | None:
                 f"{path}`, then pass the run's checkpoint, e.g. checkpoints/<run>/best.pt")
     return (f"{path} is a text file, not a checkpoint; pass a best.pt, last.pt or ckpt-*.pt "
             f"written by train.py, e.g. checkpoints/<run>/best.pt")
+
+
+def _instead(path: Path) -> str:
+    """What to pass instead of ``path``: the run's own best.pt or last.pt, if it has one."""
+    ours = [p for p in (path.parent / "best.pt", path.parent / "last.pt")
+            if p.is_file() and p.name != path.name]
+    return f"pass {ours[0]}" if ours else "pass a checkpoint such as checkpoints/<run>/best.pt"
 
 
 def numbered(run_dir: Path) -> list[Path]:
@@ -173,14 +218,43 @@ def stopped_before_first_checkpoint(run_dir: Path) -> str:
             f"the run again, or choose another train.run_name=NAME")
 
 
-def resumable(run_dir: Path) -> list:
-    """The checkpoints ``--resume`` would try, in order: last.pt, then ckpt-*.pt newest first."""
+def unusable_checkpoints(run_dir: Path, names: list) -> str:
+    """The way out for a run whose checkpoints are all unusable: --resume has nothing to
+    continue from, and a fresh start in place would mix the new run's checkpoints with the
+    broken ones (the newest name, which --resume tries first, would be a broken file), so, as
+    for a best.pt alone, the user moves the old run aside."""
+    return (f"no usable checkpoint in {run_dir} ({', '.join(names)}: each is unreadable or "
+            f"lacks the training state); move or delete {run_dir} to start the run again, or "
+            f"choose another train.run_name=NAME")
+
+
+def _checkpoint_files(run_dir: Path) -> list:
+    """last.pt, then ckpt-*.pt newest first: every file --resume tries, readable or not."""
     return [p for p in [run_dir / "last.pt"] + numbered(run_dir)[::-1] if p.is_file()]
+
+
+def resumable(run_dir: Path) -> list:
+    """The checkpoints ``--resume`` would try, in order (last.pt, then ckpt-*.pt newest first),
+    less those plainly unreadable (empty, cut short, not a checkpoint at all).
+
+    Where there are checkpoint files but every one is unreadable, raises CheckpointError
+    (:func:`unusable_checkpoints`) rather than answer: an empty list would let a fresh start
+    write over them, and a list of broken files sends the user to ``--resume``, which can
+    only refuse them; the one way out is a fresh folder. So train.py's guard (``already holds
+    checkpoints; pass --resume``), ``--resume`` and the sweep give the same answer. The check
+    reads a file's first 64 KiB and its zip directory, not the whole file: one that passes it
+    may still fail to load, and :func:`load_latest` then goes on to an older one.
+    """
+    files = _checkpoint_files(run_dir)
+    whole = [p for p in files if _not_a_checkpoint(p) is None]
+    if files and not whole:
+        raise CheckpointError(unusable_checkpoints(run_dir, [p.name for p in files]))
+    return whole
 
 
 def load_latest(run_dir: Path, warn=print) -> tuple[dict, Path]:
     """The newest checkpoint of a run that loads, trying last.pt, then ckpt-*.pt newest first."""
-    candidates = resumable(run_dir)
+    candidates = _checkpoint_files(run_dir)  # every one: each unreadable file gets its warning
     if not candidates and (run_dir / "best.pt").is_file():
         raise CheckpointError(stopped_before_first_checkpoint(run_dir))
     if not candidates:
@@ -200,8 +274,7 @@ def load_latest(run_dir: Path, warn=print) -> tuple[dict, Path]:
             tried.append(path.name)
             continue
         return obj, path
-    raise CheckpointError(f"no usable checkpoint in {run_dir} (tried {', '.join(tried)}); "
-                          f"start the run again without --resume")
+    raise CheckpointError(unusable_checkpoints(run_dir, tried))
 
 
 # ----------------------------------------------------------------------------- RNG state

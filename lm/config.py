@@ -23,7 +23,6 @@ from typing import Any, Literal, Optional
 import torch
 import yaml
 
-from lm.data.ptb import PTB_URL
 from lm.errors import ConfigError
 
 
@@ -43,7 +42,7 @@ class DataConfig:
     # Every level-keyed default (the metric, the evaluation warm-up) follows it.
     level: Literal["char", "word", "subword"] = "char"
     root: Optional[str] = resumable(None)  # None: $LM_DATA_ROOT, else data/ptb
-    url: str = resumable(PTB_URL)
+    url: Optional[str] = resumable(None)  # PTB's archive; None: Mikolov's (lm.data.ptb.PTB_URL)
     download: bool = resumable(True)
     batch_size: int = 32
     bptt: int = 100

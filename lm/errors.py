@@ -3,6 +3,7 @@
 Anything raised as ``UserError`` reaches the command line as a single line,
 ``error: <message>``, and exit status 2. Messages name the problem and the fix.
 """
+import re
 
 
 class UserError(Exception):
@@ -19,3 +20,16 @@ class DataError(UserError):
 
 class CheckpointError(UserError):
     """A checkpoint that cannot be read, is untrusted, or does not fit the run."""
+
+
+def with_option(exc: UserError, setting: str, option: str) -> UserError:
+    """``exc`` again, its advice naming ``option`` wherever it names the recipe key ``setting``.
+
+    The data layer advises recipe keys (``set data.root ... to the folder``), which is right
+    for train.py; a command that takes no recipe has its own option for the same value
+    (evaluate.py's ``--data-root``), and advice to set a key it cannot take leads nowhere.
+    Only the key as a word is replaced: a path that happens to contain it (``/x/data.root/``)
+    is left alone, and the class of the error is kept.
+    """
+    pattern = r"(?<![\w./-])" + re.escape(setting) + r"(?![\w/-])"
+    return type(exc)(re.sub(pattern, option, str(exc)))

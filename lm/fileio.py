@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 import os
-import tempfile
+import secrets
 from pathlib import Path
 
 
@@ -20,6 +20,26 @@ def fsync_dir(folder: Path) -> None:
         os.close(fd)
 
 
+def _create_temporary(path: Path) -> tuple[int, str]:
+    """A new file beside ``path``, open for writing, with the permissions the umask gives.
+
+    Not ``tempfile.mkstemp``: it creates files ``0o600`` whatever the umask, and the rename
+    then leaves every run file readable by its owner alone. Opened with mode ``0o666``, the
+    kernel applies the umask itself (``0o644`` under the usual ``022``), as for any file
+    ``open()`` creates, with no need to read the umask (``os.umask`` can only be read by
+    changing it, which races with other threads creating files). ``O_EXCL`` keeps the name
+    ours; a name already taken is drawn again.
+    """
+    for _ in range(100):
+        tmp = str(path.parent / f".{path.name}.{secrets.token_hex(6)}.tmp")
+        try:
+            return os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_BINARY", 0),
+                           0o666), tmp
+        except FileExistsError:
+            continue
+    raise FileExistsError(f"no free temporary name beside {path}")
+
+
 def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
     """Write ``data`` to ``path`` so that readers see the old file or the new one, whole.
 
@@ -28,7 +48,7 @@ def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
     temporary file is removed and the previous ``path`` is untouched.
     """
     path = Path(path)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    fd, tmp = _create_temporary(path)
     try:
         with os.fdopen(fd, "wb") as fh:
             fh.write(data)

@@ -40,6 +40,7 @@ were run.
 """
 from __future__ import annotations
 
+import contextlib
 import csv
 import dataclasses
 import json
@@ -54,7 +55,7 @@ import torch
 
 from lm.config import (LSTMConfig, ModelConfig, build_section, read_with_overrides,
                        resolve_device, validate as validate_train_config, Config)
-from lm.errors import ConfigError, UserError
+from lm.errors import ConfigError, DataError, UserError, with_option
 
 METHODS = ("shared", "flipout")
 GATES = ("i", "f", "g", "o")
@@ -293,37 +294,66 @@ def _log(msg: str, quiet: bool) -> None:
 
 def prepare(cfg: GradVarianceConfig, device):
     """Model config, weights, vocabulary size, training stream and a description of the model."""
-    from lm import checkpoint
-    from lm.config import config_from_dict
-    from lm.data import Vocab, load_corpus, prepare_ptb
     from lm.model import LanguageModel
 
     if cfg.checkpoint is not None:
-        ckpt = checkpoint.load(cfg.checkpoint, map_location="cpu")
-        try:
-            train_cfg = config_from_dict(ckpt["config"])
-        except ConfigError as exc:
-            raise UserError(f"checkpoint {cfg.checkpoint}: its config does not validate: {exc}") \
-                from None
-        vocab = Vocab.from_dict(ckpt["vocab"], source=cfg.checkpoint)
-        level, model_cfg, state = train_cfg.data.level, train_cfg.model, checkpoint.eval_weights(ckpt)
-        root = cfg.data_root or train_cfg.data.root
-        step = ckpt.get("progress", {}).get("step")
-        source = {"kind": "checkpoint", "path": cfg.checkpoint, "step": step,
-                  "label": f"checkpoint {cfg.checkpoint}" + (f" (step {step})" if step else "")}
+        model_cfg, state, corpus, source = _from_checkpoint(cfg)
     else:
-        vocab, level, model_cfg, root = None, cfg.level, cfg.model, cfg.data_root
+        model_cfg, state, corpus = cfg.model, None, _fresh_corpus(cfg)
         source = {"kind": "fresh-init", "path": None, "step": None,
                   "label": f"FRESHLY INITIALIZED model (checkpoint: null, seed {cfg.seed}); "
                            f"not the paper's partially trained model"}
-    corpus = load_corpus(level, prepare_ptb(root, download=False), vocab=vocab)
-    if cfg.checkpoint is None:
         torch.manual_seed(cfg.seed)
         state = LanguageModel(model_cfg, len(corpus.vocab)).state_dict()
-    source.update(level=level, vocab_size=len(corpus.vocab),
+    source.update(level=corpus.level, corpus=corpus.description, vocab_size=len(corpus.vocab),
                   hidden_size=model_cfg.hidden_size, num_layers=model_cfg.num_layers,
                   embedding_size=model_cfg.embedding_size, train_tokens=corpus.train.numel())
     return model_cfg, state, len(corpus.vocab), corpus.train, source
+
+
+def _from_checkpoint(cfg: GradVarianceConfig):
+    """A trained model and the training split it was trained on.
+
+    The corpus is the checkpoint's own (its ``data`` section: PTB, text files or a dataset)
+    encoded by its own tokenizer, so the ids are the ones the weights were trained on; only
+    ``data_root`` (PTB's folder) may move it.
+    """
+    from lm import checkpoint
+    from lm.config import config_from_dict
+    from lm.data import open_corpus
+
+    ckpt = checkpoint.load(cfg.checkpoint, map_location="cpu")
+    try:
+        train_cfg = config_from_dict(ckpt["config"])
+    except ConfigError as exc:
+        raise UserError(f"checkpoint {cfg.checkpoint}: its config does not validate: {exc}") \
+            from None
+    if cfg.data_root:
+        train_cfg.data.root = cfg.data_root
+    with _data_root_advice():
+        corpus = open_corpus(train_cfg.data, saved=ckpt, source=cfg.checkpoint, splits=("train",))
+    step = ckpt.get("progress", {}).get("step")
+    source = {"kind": "checkpoint", "path": cfg.checkpoint, "step": step,
+              "label": f"checkpoint {cfg.checkpoint}" + (f" (step {step})" if step else "")}
+    return train_cfg.model, checkpoint.eval_weights(ckpt), corpus, source
+
+
+def _fresh_corpus(cfg: GradVarianceConfig):
+    """PTB at ``level``, for a freshly initialized model (no checkpoint to say otherwise)."""
+    from lm.data import load_corpus, prepare_ptb
+
+    with _data_root_advice():
+        return load_corpus(cfg.level, prepare_ptb(cfg.data_root, download=False))
+
+
+@contextlib.contextmanager
+def _data_root_advice():
+    """A missing corpus is advised in this experiment's own key (``data_root``), not the
+    training recipe's ``data.root``, which its config does not take."""
+    try:
+        yield
+    except DataError as exc:
+        raise with_option(exc, "data.root", "data_root") from None
 
 
 def run(cfg: GradVarianceConfig, *, quiet: bool = False) -> dict:

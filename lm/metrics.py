@@ -11,12 +11,45 @@ from __future__ import annotations
 import json
 import math
 import os
+import platform
+import subprocess
 from pathlib import Path
+
+import torch
 
 from lm.fileio import atomic_write_bytes
 
 
-def write_run_summary(run_dir: Path, progress: dict, parameters: int) -> None:
+def provenance(step: int, precision: str) -> dict:
+    """What trains a run from ``step`` on: the code's git commit (``+`` if the work tree has
+    changes), torch, the CPU (model, family, torch's ISA level) and the precision. ``run.json``
+    lists one such segment per start or resume, so a run resumed on other code or another
+    machine says so."""
+    def git(*args):
+        try:
+            return subprocess.run(["git", *args], cwd=Path(__file__).resolve().parent, text=True,
+                                  capture_output=True, timeout=10).stdout.strip()
+        except (OSError, subprocess.SubprocessError):
+            return ""
+    commit = git("rev-parse", "--short=12", "HEAD")
+    if commit and git("status", "--porcelain", "--untracked-files=no"):
+        commit += "+"
+    cpu = {}
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            key, _, value = line.partition(":")
+            if key.strip() in ("model name", "cpu family") and key.strip() not in cpu:
+                cpu[key.strip()] = value.strip()
+    except OSError:
+        pass
+    return {"step": step, "code": commit or None, "torch": str(torch.__version__),
+            "cpu": f"{cpu.get('model name', platform.machine())} (family {cpu.get('cpu family', '?')}, "
+                   f"{torch.backends.cpu.get_cpu_capability()})",
+            "precision": precision}
+
+
+def write_run_summary(run_dir: Path, progress: dict, parameters: int,
+                      batches_per_epoch: int | None = None) -> None:
     """``run.json``: the run's size and wall-clock figures so far (``lm.report`` reads them).
 
     ``wall_seconds`` is the whole loop, evaluations included; ``step_seconds`` only the
@@ -25,12 +58,13 @@ def write_run_summary(run_dir: Path, progress: dict, parameters: int) -> None:
     crash threw away is not counted: the figures are those of the checkpoint resumed from.
     """
     step_seconds = progress["step_seconds"]
-    record = {"parameters": parameters, "steps": progress["step"],
+    record = {"parameters": parameters, "batches_per_epoch": batches_per_epoch,
+              "steps": progress["step"],
               "tokens_seen": progress["tokens_seen"],
               "wall_seconds": round(progress["wall_seconds"], 3),
               "step_seconds": round(step_seconds, 3),
               "tokens_per_s": round(progress["tokens_seen"] / step_seconds, 1) if step_seconds else None,
-              "evals": progress["eval_walls"]}
+              "evals": progress["eval_walls"], "segments": progress.get("segments", [])}
     atomic_write_bytes(run_dir / "run.json", (json.dumps(record) + "\n").encode())
 
 

@@ -298,7 +298,22 @@ def curve(run: Run, split: str, x_axis: str) -> tuple:
 AXIS_LABEL = {"epochs": "epoch", "steps": "step", "wall": "wall time (s)"}
 
 
+# Up to this many points a curve also shows its points as dots: a line needs two points to be
+# drawn at all (a run that logged once would leave its panel blank), and a handful of dots
+# shows where the evaluations fell; on longer curves they would hide the line.
+MARKED_POINTS = 30
+
+
 def plot(groups: list, axes: tuple, path: Path) -> None:
+    """``curves.png``: :func:`figure`, saved."""
+    fig = figure(groups, axes)
+    import matplotlib.pyplot as plt  # after figure() has chosen the Agg backend
+
+    fig.savefig(path, dpi=90)
+    plt.close(fig)
+
+
+def figure(groups: list, axes: tuple):
     """Rows: headline metrics present; columns: validation against each axis, then train loss."""
     import matplotlib
     matplotlib.use("Agg")  # no display needed, and never one picked up by accident
@@ -325,7 +340,9 @@ def plot(groups: list, axes: tuple, path: Path) -> None:
                 # steps all seeds reached, mean line and min-max band.
                 x = np.mean([x[:n] for x in xs], axis=0)
                 stack = np.array([y[:n] for y in ys])
-                ax.plot(x, stack.mean(axis=0), color=colour, label=f"{g.name} (n={len(g.runs)})")
+                dots = {"marker": "o", "markersize": 3} if n <= MARKED_POINTS else {}
+                ax.plot(x, stack.mean(axis=0), color=colour, label=f"{g.name} (n={len(g.runs)})",
+                        **dots)
                 if len(g.runs) > 1:
                     ax.fill_between(x, stack.min(axis=0), stack.max(axis=0), color=colour, alpha=0.2)
             ax.set_xlabel(AXIS_LABEL[x_axis])
@@ -336,8 +353,7 @@ def plot(groups: list, axes: tuple, path: Path) -> None:
             if col == 0:
                 ax.legend(fontsize=7)
     fig.tight_layout()
-    fig.savefig(path, dpi=90)
-    plt.close(fig)
+    return fig
 
 
 # ----------------------------------------------------------------------------- CLI

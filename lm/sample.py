@@ -35,7 +35,9 @@ def parse_args(argv):
     p.add_argument("--top-k", type=int, default=0,
                    help="sample among the K most likely tokens only; 0: all (default 0)")
     p.add_argument("--seed", type=int, default=0, help="random seed of the draws (default 0)")
-    p.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N (default cpu)")
+    p.add_argument("--device", default="auto",
+                   help="auto (CUDA when present, else the CPU, as in training), cpu, cuda or "
+                        "cuda:N (default auto)")
     return p.parse_args(argv)
 
 

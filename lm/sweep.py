@@ -16,7 +16,8 @@ loaded and validated, so a typo fails the whole sweep at once rather than hours 
 Each run's own output goes to ``DIR/<run>/train.log``; the sweep prints one status line per
 run: queued, running (step and ETA), done (best validation and test score) or failed (the
 error). Running the same command again picks up where it stopped. Ctrl-C is passed to the
-running child, which saves a checkpoint; the sweep then stops and says how to continue.
+running child, which saves a checkpoint; the sweep then stops and says how to continue. A
+SIGINT does the same to a sweep started in the background (``&``, nohup), and so does SIGTERM.
 """
 from __future__ import annotations
 
@@ -33,7 +34,7 @@ from pathlib import Path
 
 from lm import checkpoint
 from lm.config import load_config
-from lm.errors import UserError
+from lm.errors import CheckpointError, ConfigError, UserError
 from lm.runs import Run
 
 TRAIN_SCRIPT = Path(__file__).resolve().parent.parent / "train.py"
@@ -48,7 +49,7 @@ class Job:
     overrides: list
     max_steps: int = 0
     epochs: int = 0
-    batches: int = 0  # per epoch, as the child reports it
+    batches: int = 0  # per epoch, from the run's run.json
     status: str = "queued"
     detail: str = ""
     log: list = field(default_factory=list)  # the child's output lines, newest last
@@ -70,8 +71,11 @@ class Job:
         """``done``, ``interrupted`` (resume it) or ``new``."""
         if (self.run_dir / "config.yaml").is_file() and Run.load(self.run_dir).done:
             return "done"
-        if checkpoint.resumable(self.run_dir):
-            return "interrupted"
+        try:
+            if checkpoint.resumable(self.run_dir):
+                return "interrupted"
+        except CheckpointError:
+            pass  # every checkpoint unreadable: train.py refuses the run with the way out
         return "new"
 
     def command(self) -> list:
@@ -125,10 +129,27 @@ def plan(args) -> list[Job]:
     for recipe in dict.fromkeys(recipes):
         for seed in parse_seeds(args.seeds):
             job = Job(recipe, seed, out, overrides)
-            cfg = load_config(recipe, job.train_args()[1:])  # validates, like train.py will
+            cfg = validated(job)
             job.max_steps, job.epochs = cfg.train.max_steps, cfg.train.epochs
             jobs.append(job)
     return jobs
+
+
+def validated(job: Job):
+    """The job's config as train.py will load it; an error names the recipe it is in.
+
+    The overrides apply to every recipe, and one may fit some recipes only
+    (``model.input_dropout`` is an error in a one-hot recipe alone), so among several recipes
+    an error says nothing of which one failed unless the recipe is named; errors that already
+    name it (a YAML syntax error) are left as they are. The seed is not named: ``train.seed``
+    takes any integer, so no error depends on it.
+    """
+    try:
+        return load_config(job.recipe, job.train_args()[1:])
+    except ConfigError as exc:
+        if str(Path(job.recipe)) in str(exc):
+            raise
+        raise ConfigError(f"recipe {job.recipe!r}: {exc}") from None
 
 
 def shell_line(job: Job) -> str:
@@ -164,12 +185,11 @@ class StatusLine:
 
 
 def progress_detail(job: Job, started: float, start_step: int) -> str:
-    """``step N/M, ETA`` from the run's metrics so far and the child's batches per epoch."""
+    """``step N/M, ETA`` from the run's metrics so far and its batches per epoch (run.json)."""
     run = Run.load(job.run_dir) if (job.run_dir / "config.yaml").is_file() else None
     step = run.steps if run else 0
-    if not job.batches:
-        job.batches = next((int(line.split(" batches/epoch")[0].rsplit(" ", 1)[-1].replace(",", ""))
-                            for line in job.log if " batches/epoch" in line), 0)
+    if not job.batches and run is not None:
+        job.batches = run.summary.get("batches_per_epoch") or 0  # run.json, written at the start
     total = job.max_steps or None
     if job.batches:
         total = min(total or job.batches * job.epochs, job.batches * job.epochs)
@@ -262,7 +282,11 @@ def main(argv=None) -> int:
         for job in jobs:
             print(f"# {job.name}: done" if job.state() == "done" else shell_line(job))
         return 0
-    signal.signal(signal.SIGTERM, _interrupt)  # a scheduler's SIGTERM stops it like Ctrl-C
+    # Explicitly, SIGINT too: started in the background (`&`, nohup) the sweep inherits an
+    # ignored SIGINT, which Python then leaves ignored, and a Ctrl-C or `kill -INT` would not
+    # reach the running child. A scheduler's SIGTERM stops it the same way.
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, _interrupt)
     status = StatusLine()
     for job in jobs:
         if job.state() == "done":

@@ -10,7 +10,7 @@ import torch
 
 import evaluate as evaluate_script
 import train as train_script
-from conftest import REPO, tiny_overrides
+from conftest import REPO, run_cli, tiny_overrides
 from lm.config import config_from_dict
 from lm.evaluation import eval_warmup
 
@@ -95,7 +95,10 @@ def test_best_before_the_first_validation_names_last(run, capsys):
 def test_a_truncated_checkpoint_is_still_called_truncated(run, tmp_path, capsys):
     cut = tmp_path / "cut.pt"
     cut.write_bytes((run / "last.pt").read_bytes()[:5000])
-    assert "truncated or corrupted" in one_line_error([str(cut)], capsys)
+    err = one_line_error([str(cut)], capsys)
+    # One clause, not torch's 300 characters of advice about miniz and file transfers.
+    assert f"checkpoint {cut} is truncated or corrupted (unexpected end of file); use an earlier" in err
+    assert "miniz" not in err
 
 
 def test_ctrl_c_is_one_line_and_exit_130(run, tiny_ptb):
@@ -133,3 +136,48 @@ def test_train_scores_with_the_same_warmup(run, tiny_ptb):
     # The per-evaluation validation that saved best.pt scored it the same way.
     during = [line["loss"] for line in lines if line["split"] == "valid" and not line.get("best")]
     assert min(during) == pytest.approx(final["valid"], rel=1e-9)
+
+
+def test_the_device_defaults_to_auto_as_in_training(run, tiny_ptb, monkeypatch):
+    """train.device's default is auto (CUDA when present); evaluate.py's was cpu."""
+    asked, real = [], evaluate_script.resolve_device
+    monkeypatch.setattr(evaluate_script, "resolve_device", lambda name: asked.append(name) or real(name))
+    evaluate(run / "best.pt", root=tiny_ptb)
+    assert asked == ["auto"]
+
+
+@pytest.mark.parametrize("where, advice", [
+    ("flag", "set --data-root (which takes precedence over $LM_DATA_ROOT) to the folder"),
+    ("env", "set $LM_DATA_ROOT (or --data-root, which takes precedence) to the folder")])
+def test_a_missing_corpus_is_advised_with_the_data_root_flag(run, tmp_path, monkeypatch, capsys,
+                                                             where, advice):
+    """The data layer advises the recipe key data.root; evaluate.py takes no recipe, and its
+    option for the folder is --data-root."""
+    nowhere = tmp_path / "nowhere"
+    best = run / "best.pt"
+    if where == "env":  # a recipe without data.root: the folder came from $LM_DATA_ROOT
+        ckpt = torch.load(best, weights_only=True)
+        ckpt["config"]["data"]["root"] = None
+        best = tmp_path / "no_root.pt"
+        torch.save(ckpt, best)
+        monkeypatch.setenv("LM_DATA_ROOT", str(nowhere))
+    flags = ["--data-root", str(nowhere)] if where == "flag" else []
+    err = one_line_error([str(best), *flags], capsys)
+    assert str(nowhere) in err and advice in err and "data.root" not in err
+
+
+def test_an_empty_file_is_called_empty(tmp_path, capsys):
+    (tmp_path / "empty.pt").write_bytes(b"")
+    err = one_line_error([str(tmp_path / "empty.pt")], capsys)
+    assert "empty.pt is empty (0 bytes), not a checkpoint" in err and "text file" not in err
+
+
+# \x80 is how a pickle (torch's legacy format) starts: such bytes go on to torch.load.
+@pytest.mark.parametrize("first", [b"", b"\x80"], ids=["random", "pickle-like"])
+def test_random_bytes_are_not_a_pytorch_checkpoint(tmp_path, first):
+    junk = tmp_path / "junk.pt"
+    junk.write_bytes(first + bytes(torch.randint(0, 256, (5000,), dtype=torch.uint8).tolist()))
+    proc = run_cli("evaluate.py", junk)  # a real stderr: torch's warnings would show there
+    err = proc.stderr.strip().splitlines()
+    assert proc.returncode == 2 and len(err) == 1 and err[0].startswith("error: "), proc.stderr
+    assert "is not a PyTorch checkpoint (unrecognised bytes)" in err[0] and "pickled" not in err[0]

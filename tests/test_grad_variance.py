@@ -270,6 +270,40 @@ def test_cli_reads_a_checkpoint(tiny_ptb, tmp_path):
     assert "n/a" in p.stdout  # E = 1: no confidence interval
 
 
+def test_a_checkpoint_is_measured_on_its_own_corpus_and_tokenizer(tmp_path, monkeypatch):
+    """A run on text files at the character level is measured on those files, with its own
+    character vocabulary, not on PTB (which is nowhere to be found here)."""
+    import train as train_script
+    from test_corpora import raw_chars, text_overrides, write_text_corpus
+
+    files = write_text_corpus(tmp_path / "corpus")
+    settings = {"data.level": "char", "data.batch_size": 4, "data.bptt": 10,
+                "data.eval_batch_size": 4, "model.hidden_size": 8, "model.embedding_size": 8,
+                "train.max_steps": 2, "train.eval_every": 2, "train.progress": "false",
+                "train.tensorboard": "false", "train.out_dir": tmp_path / "runs", "train.run_name": "text"}
+    assert train_script.main([str(REPO / "recipes" / "word_ptb.yaml"),
+                              *text_overrides(files, tmp_path / "cache", **settings)]) == 0
+    monkeypatch.setenv("LM_DATA_ROOT", str(tmp_path / "no_ptb_here"))
+    monkeypatch.chdir(tmp_path)  # no data/ptb either
+    best = tmp_path / "runs" / "text" / "best.pt"
+    cfg = gv.build_config(dict(checkpoint=str(best), batch_sizes=[1, 2], repeats=2, estimates=1,
+                               bptt=5, sub_batch=2, device="cpu", seed=0))
+    model = gv.run(cfg, quiet=True)["model"]
+    itos = checkpoint.load(best)["vocab"]["itos"]
+    assert model["vocab_size"] == len(itos) and model["level"] == "char"
+    assert model["train_tokens"] == raw_chars(files["train"])  # one token per character and line end
+    assert "text files" in model["corpus"]
+
+
+def test_a_missing_corpus_is_advised_with_the_data_root_key(tmp_path, capsys):
+    """The experiment's own key for PTB's folder is data_root, not the recipe's data.root."""
+    rc = _main(str(REPO / "recipes" / "grad_variance.yaml"), "checkpoint=null",
+               f"data_root={tmp_path / 'nowhere'}", f"out_dir={tmp_path / 'out'}")
+    err = capsys.readouterr().err.strip()
+    assert rc == 2 and len(err.splitlines()) == 1 and err.startswith("error: ")
+    assert "set data_root (which takes precedence over $LM_DATA_ROOT)" in err and "data.root" not in err
+
+
 def _main(*args):
     """grad_variance.main() in this process (no interpreter start-up per call)."""
     import importlib.util

@@ -9,6 +9,7 @@ import io
 import json
 import os
 import signal
+import stat
 import subprocess
 import sys
 import tarfile
@@ -21,6 +22,7 @@ import torch
 import train as train_script
 from conftest import REPO, run_cli, tiny_overrides, write_tiny_ptb
 from lm import checkpoint, fileio
+from lm.errors import CheckpointError
 
 
 @pytest.fixture(autouse=True)
@@ -206,6 +208,10 @@ def test_corrupt_newest_checkpoint_falls_back_to_the_previous(tiny_ptb, tmp_path
     assert code == 0
     out = capsys.readouterr()
     assert "last.pt is truncated or corrupted" in out.err and "trying an older checkpoint" in out.err
+    # One readable clause, not torch's 300 characters about miniz and file transfers.
+    warning = next(line for line in out.err.splitlines() if "last.pt is truncated" in line)
+    assert warning == (f"warning: checkpoint {run / 'last.pt'} is truncated or corrupted (unexpected "
+                       f"end of file); use an earlier checkpoint; trying an older checkpoint")
     assert "resuming from" in out.out and "ckpt-00000006.pt (step 6)" in out.out
     assert checkpoint.load(run / "last.pt")["progress"]["step"] == 12
 
@@ -437,8 +443,53 @@ def test_a_stale_last_checkpoint_is_not_overwritten(tiny_ptb, tmp_path, capsys):
     (tmp_path / "word_ptb").mkdir()
     (tmp_path / "word_ptb" / "last.pt").write_bytes(b"an older run")
     assert short_run(tiny_ptb, tmp_path) == 2
-    assert "already holds checkpoints" in capsys.readouterr().err
+    # Not a checkpoint --resume could load: the way out is another folder, not --resume.
+    line = one_error_line(capsys.readouterr().err)
+    assert "no usable checkpoint" in line and "move or delete" in line and "--resume" not in line
     assert (tmp_path / "word_ptb" / "last.pt").read_bytes() == b"an older run"
+
+
+@pytest.mark.parametrize("keep_best", [True, False])
+def test_a_run_whose_checkpoints_are_all_unreadable_says_to_move_it_aside(tiny_ptb, tmp_path, capsys,
+                                                                         keep_best):
+    """--resume used to answer 'start the run again without --resume', and starting it again
+    'already holds checkpoints; pass --resume': a circle. Both now name the way out, with or
+    without a best.pt, and write over nothing."""
+    assert short_run(tiny_ptb, tmp_path) == 0
+    run = tmp_path / "word_ptb"
+    last, *older = checkpoint.numbered(run)[::-1]
+    last.write_bytes(last.read_bytes()[:1000])  # cut short; last.pt is the same file
+    older[0].write_bytes(b"")
+    for p in older[1:]:
+        p.write_bytes(os.urandom(3000))
+    if not keep_best:
+        (run / "best.pt").unlink()
+    before = {p.name: p.read_bytes() for p in run.glob("*.pt")}
+    with pytest.raises(CheckpointError, match=f"no usable checkpoint in {run}"):
+        checkpoint.resumable(run)  # what train.py's guard asks before "pass --resume"
+    capsys.readouterr()
+    for resume in (["--resume"], []):
+        assert train_script.main(["recipes/word_ptb.yaml", *resume, *tiny_overrides(tiny_ptb, tmp_path)]) == 2
+        line = one_error_line(capsys.readouterr().err)
+        assert f"no usable checkpoint in {run}" in line and f"move or delete {run}" in line, resume
+        assert "--resume" not in line, resume
+    assert {p.name: p.read_bytes() for p in run.glob("*.pt")} == before
+
+
+@pytest.mark.parametrize("umask", [0o022, 0o077], ids=["022", "077"])
+def test_run_files_honour_the_umask(tiny_ptb, tmp_path, umask):
+    """Files written atomically came out -rw------- whatever the umask (tempfile.mkstemp's
+    mode); they get 0o666 & ~umask, as any file open() creates."""
+    old = os.umask(umask)
+    try:
+        assert short_run(tiny_ptb, tmp_path, **{"train.max_steps": 3}) == 0
+        fileio.atomic_write_bytes(tmp_path / "direct.bin", b"x")
+    finally:
+        os.umask(old)
+    files = [p for p in (tmp_path / "word_ptb").iterdir() if p.is_file()] + [tmp_path / "direct.bin"]
+    modes = {p.name: oct(stat.S_IMODE(p.stat().st_mode)) for p in files}
+    assert {"config.yaml", "vocab.json", "run.json", "best.pt", "last.pt"} <= modes.keys()
+    assert set(modes.values()) == {oct(0o666 & ~umask)}, modes
 
 
 def test_unwritable_run_directory(tiny_ptb, tmp_path):

@@ -1,8 +1,12 @@
 """lm.sweep (recipes x seeds, skip / resume / fail and go on) and lm.report (tables, curves)."""
 import csv
 import json
+import signal
 import statistics
 import struct
+import subprocess
+import sys
+import time
 
 import pytest
 
@@ -106,6 +110,10 @@ def test_sweep_rejects_bad_plans_before_running(tiny_ptb, tmp_path):
         (["recipes/word_ptb.yaml", "--seeds", "1", "model.hiden_size=3"], "did you mean 'model.hidden_size'"),
         (["recipes/char_gal.yaml", "recipes/cpu/char_gal.yaml", "--seeds", "1"], "would share the run names"),
         (["--seeds", "1", "a=b"], "no recipe given"),
+        # An override that fits one recipe only (char_gal's input is one-hot): say which.
+        (["recipes/word_wd.yaml", "recipes/char_gal.yaml", "--seeds", "1", "model.input_dropout=0.1"],
+         "error: recipe 'recipes/char_gal.yaml': model.input_dropout: one-hot input"),
+        (["recipes/nope.yaml", "--seeds", "1"], "error: recipe file 'recipes/nope.yaml' not found"),
     ]:
         proc = run_cli("-m", "lm.sweep", *args, "--out", str(tmp_path / "x"))
         assert proc.returncode == 2, args
@@ -129,6 +137,50 @@ def test_print_commands(tiny_ptb, tmp_path):
     again = run_cli("-m", "lm.sweep", "recipes/word_ptb.yaml", "--seeds", "1,2", "--out", out,
                     "--print-commands", *tiny(tiny_ptb)).stdout.splitlines()
     assert again[0] == "# word_ptb-s1: done" and again[1] == cmds[1]
+
+
+def test_a_sweep_started_with_sigint_ignored_still_stops_on_sigint(tiny_ptb, tmp_path):
+    """`python -m lm.sweep ... &` or nohup starts it with SIGINT ignored, which Python leaves
+    ignored unless the sweep installs its own handler: a SIGINT must still do what Ctrl-C does
+    (the child finishes its step and saves, the sweep stops, exit 130, how to continue)."""
+    out = tmp_path / "sweep"
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "lm.sweep", "recipes/word_ptb.yaml", "--seeds", "1", "--out", str(out),
+         *tiny(tiny_ptb, **{"train.max_steps": 5000, "train.eval_every": 0})],
+        cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_IGN))  # as `&` leaves it
+    run = out / "word_ptb-s1"
+    deadline = time.monotonic() + 120
+    try:
+        while time.monotonic() < deadline and proc.poll() is None:  # the child is training
+            if (run / "metrics.jsonl").is_file() and '"train"' in (run / "metrics.jsonl").read_text():
+                break
+            time.sleep(0.05)
+        assert proc.poll() is None, proc.communicate()
+        proc.send_signal(signal.SIGINT)
+        stdout, stderr = proc.communicate(timeout=120)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.communicate()
+    assert proc.returncode == 130, (stdout, stderr)
+    assert "stopping word_ptb-s1: it finishes its step and saves a checkpoint" in stderr
+    assert stderr.strip().splitlines()[-1] == "sweep interrupted; run the same command again to continue"
+    assert "SIGINT received" in (run / "train.log").read_text()
+    steps = checkpoint.load(run / "last.pt")["progress"]["step"]
+    assert 0 < steps < 5000  # stopped by the signal, with a checkpoint to resume from
+    job = sweep.plan(sweep.parse_args(["recipes/word_ptb.yaml", "--seeds", "1", "--out", str(out),
+                                       *tiny(tiny_ptb, **{"train.max_steps": 5000, "train.eval_every": 0})]))[0]
+    assert job.state() == "interrupted"
+
+
+def test_a_run_with_only_unreadable_checkpoints_goes_to_train_py_without_resume(tmp_path):
+    """--resume could only refuse it; train.py run afresh refuses it with the way out (move
+    the folder aside), and the sweep reports that as the run's failure."""
+    job = sweep.Job("recipes/word_ptb.yaml", 1, tmp_path, [])
+    job.run_dir.mkdir()
+    (job.run_dir / "last.pt").write_bytes(b"")
+    assert job.state() == "new" and "--resume" not in job.command()
 
 
 def png_size(path):
@@ -220,6 +272,25 @@ def test_report_groups_ignore_seed_but_not_settings(tiny_ptb, tmp_path):
     assert len(groups) == 2 and all(len(g.runs) == 1 for g in groups)
     row = groups[0].summary()
     assert row["valid_sd"] is None and "±" not in report.fmt_mean_sd(row["valid_mean"], None, "ppl")
+
+
+def test_a_curve_of_one_point_is_drawn_with_a_marker(tmp_path):
+    """A line needs two points: a run that logged once left its training-loss panel blank."""
+    run = tmp_path / "one"
+    run.mkdir()
+    (run / "config.yaml").write_text("data: {level: word}\ntrain: {run_name: one, seed: 1}\n")
+    (run / "metrics.jsonl").write_text(
+        json.dumps({"step": 2, "split": "train", "loss": 5.0, "ppl": 148.4}) + "\n"
+        + json.dumps({"step": 2, "split": "valid", "loss": 5.1, "ppl": 164.0, "epoch": 0.5}) + "\n")
+    import matplotlib.pyplot as plt
+    fig = report.figure(report.group_runs(report.find_runs([run])), ("steps",))
+    try:
+        for ax in fig.axes:  # validation against steps, then the training loss
+            (line,) = ax.lines
+            assert len(line.get_xdata()) == 1
+            assert line.get_marker() not in (None, "None", "", " ") and line.get_markersize() > 0
+    finally:
+        plt.close(fig)
 
 
 def test_report_errors(tmp_path):

@@ -350,6 +350,10 @@ def test_resume_refuses_a_changed_experiment_and_applies_a_changed_bound(tiny_pt
     recorded = (run / "config.yaml").read_text()
     assert "max_steps: 4" in recorded and "log_every: 1" in recorded
     assert checkpoint.load(run / "last.pt")["config"]["train"]["max_steps"] == 4
+    # run.json says what trained each part of the run: one segment per start or resume.
+    segments = json.loads((run / "run.json").read_text())["segments"]
+    assert [s["step"] for s in segments] == [0, 2]
+    assert all(s["precision"] == "fp32" and s["torch"] == torch.__version__ and s["cpu"] for s in segments)
 
 
 def test_zaremba_small_recipe_steps_its_rate_per_epoch(tiny_ptb, tmp_path):

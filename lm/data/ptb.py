@@ -204,7 +204,7 @@ def _extract_members(archive: Path, names: list[str], url: str, hint: str) -> di
 
 def prepare_ptb(
     root: str | os.PathLike | None,
-    url: str = PTB_URL,
+    url: str | None = PTB_URL,
     download: bool = True,
     timeout: float = 60,
     expected_sha256: Mapping[str, str] | None = None,
@@ -221,6 +221,7 @@ def prepare_ptb(
     one-line :class:`DataError` naming the folder and the setting that chose it (the advice
     follows the lookup order), and leaves no folder behind that it created.
     """
+    url = url or PTB_URL  # None: Mikolov's archive
     sums = dict(PTB_SHA256 if expected_sha256 is None else expected_sha256)
     path, origin = resolve_root(root), root_origin(root)
     names = [split_file(s) for s in SPLITS]

@@ -4,26 +4,42 @@
 # core, e.g.
 #   LM_DATA_ROOT=../shared/data/ptb taskset -c 1 bash results/ptb/study.sh anchor
 # then `collect` copies the finished runs into results/ptb/ and writes the reports.
+# Parts, in the order the issue asks for: anchor, the pilots, the key rows (seed 1, then the
+# other seeds), the other rows, the large-batch pair.
 set -euo pipefail
 export OMP_NUM_THREADS=1
 out=${STUDY_OUT:-checkpoints/ptb}
 common=(train.tensorboard=false train.threads=1)
 sweep() { python -m lm.sweep "$@" "${common[@]}"; }
-case "${1:?usage: study.sh anchor|collect}" in
+r=recipes/ptb
+word_key=($r/word_unregularized.yaml $r/word_wd.yaml $r/word_wd_flipout.yaml)
+word_other=($r/word_gal.yaml $r/word_semeniuta.yaml $r/word_zaremba.yaml $r/word_zoneout.yaml)
+case "${1:?usage: study.sh anchor|pilots|word-key|word-other|collect}" in
   anchor)
     # Zaremba et al.'s small model, the published result the trainer is anchored to.
     sweep recipes/zaremba_small.yaml --seeds "${SEEDS:-1}" --out "$out/anchor" ;;
+  pilots)
+    # Sizing Table 2: does the unregularized model overfit inside a few tens of epochs?
+    sweep $r/pilots/char_512_2m.yaml --seeds 1 --out "$out/pilots" ;;
+  word-key)
+    # The key rows of Table 3: seed 1 of each, then seeds 2 and 3.
+    sweep "${word_key[@]}" --seeds 1 --out "$out/word"
+    sweep "${word_key[@]}" --seeds 2,3 --out "$out/word" ;;
+  word-other)
+    sweep "${word_other[@]}" --seeds 1,2 --out "$out/word" ;;
   collect)
     # Each finished run's config, metrics and summary (never its checkpoints), then the reports.
-    for part in anchor; do
+    for part in anchor pilots word; do
       for run in "$out/$part"/*/; do
         [ -d "$run" ] || continue
         grep -q '"split": "test".*"best": true' "$run/metrics.jsonl" 2>/dev/null || continue
         dst=results/ptb/$part/runs/$(basename "$run")
         mkdir -p "$dst" && cp "$run"/config.yaml "$run"/metrics.jsonl "$run"/run.json "$dst"/
       done
-      [ -d "results/ptb/$part/runs" ] && python -m lm.report "results/ptb/$part/runs" --out "results/ptb/$part"
+      if [ -d "results/ptb/$part/runs" ]; then
+        python -m lm.report "results/ptb/$part/runs" --out "results/ptb/$part"
+      fi
     done ;;
-  *) echo "study.sh: unknown part '$1' (anchor or collect)" >&2
+  *) echo "study.sh: unknown part '$1' (anchor, pilots, word-key, word-other or collect)" >&2
      exit 2 ;;
 esac

@@ -16,8 +16,6 @@ README = (REPO / "README.md").read_text(encoding="utf-8")
 DOCS = sorted((REPO / "docs").glob("*.md"))
 # Every page whose commands and links are checked.
 PAGES = [REPO / "README.md", *DOCS, REPO / "results" / "cpu" / "README.md", REPO / "data" / "README.md"]
-# Named before they exist: recipes another change is adding. Remove a name once its file lands.
-PENDING = {"recipes/quickstart.yaml"}
 
 
 def text(page):
@@ -57,7 +55,7 @@ def test_readme_is_a_short_front_door():
 @pytest.mark.parametrize("page", PAGES, ids=rel)
 def test_recipes_named_exist(page):
     body = text(page)
-    for path in set(re.findall(r"recipes/[\w/]+\.yaml", body)) - {"recipes/nope.yaml"} - PENDING:
+    for path in set(re.findall(r"recipes/[\w/]+\.yaml", body)) - {"recipes/nope.yaml"}:
         assert (REPO / path).is_file(), f"{rel(page)} names {path}, which does not exist"
     for pattern in set(re.findall(r"recipes/[\w/]*\*\.yaml", body)):
         assert glob.glob(str(REPO / pattern)), f"{rel(page)}: {pattern} matches no recipe"

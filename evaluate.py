@@ -25,12 +25,13 @@ import sys
 
 import torch
 
-from lm import checkpoint
-from lm.config import config_from_dict, resolve_device
-from lm.data import open_corpus, tokenizer_from_checkpoint
+from lm import scores
+from lm.config import resolve_device
+from lm.data import open_corpus
 from lm.errors import DataError, UserError, with_option
-from lm.evaluation import eval_warmup, evaluate, evaluate_mc, figures, raw_bpc
-from lm.model import LanguageModel
+from lm.evaluation import eval_warmup, evaluate, evaluate_mc, raw_bpc
+from lm.scores import figures
+from lm.trained import load_trained
 
 
 def parse_args(argv):
@@ -75,7 +76,7 @@ def main(argv=None) -> int:
     if args.json:
         print(json.dumps(result))
     else:
-        name = "bpc" if "bpc" in result else "ppl"
+        name = scores.metric(result["level"])
         print(f"{result['checkpoint']}: {result['split']} split, {result['tokens']:,} tokens, "
               f"loss {result['loss']:.4f} nats, {name} {result[name]:.4f}"
               + (f", bpc_raw {result['bpc_raw']:.4f}" if "bpc_raw" in result else "")
@@ -108,12 +109,8 @@ def run(args) -> dict:
     if args.threads:
         torch.set_num_threads(args.threads)
     device = resolve_device(args.device)
-    ckpt = checkpoint.load(args.checkpoint, map_location=device)
-    cfg = config_from_dict(ckpt["config"])
-    vocab = tokenizer_from_checkpoint(ckpt, cfg.data, args.checkpoint).vocab
-    model = LanguageModel(cfg.model, len(vocab))
-    checkpoint.load_model_state(model, checkpoint.eval_weights(ckpt), args.checkpoint)
-    model.to(device)
+    trained = load_trained(args.checkpoint, device)
+    model, cfg, ckpt, vocab = trained.model, trained.config, trained.ckpt, trained.tokenizer.vocab
     corpus = open_split(cfg.data, ckpt, args)
     batch_size = args.batch_size or cfg.data.eval_batch_size
     warmup = eval_warmup(cfg.data) if args.warmup is None else args.warmup

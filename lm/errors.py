@@ -22,6 +22,12 @@ class CheckpointError(UserError):
     """A checkpoint that cannot be read, is untrusted, or does not fit the run."""
 
 
+def one_line(text: object) -> str:
+    """Collapse whitespace, so that a message quoting another (an OS error, a library's
+    exception) stays on one line."""
+    return " ".join(str(text).split())
+
+
 def with_option(exc: UserError, setting: str, option: str) -> UserError:
     """``exc`` again, its advice naming ``option`` wherever it names the recipe key ``setting``.
 

@@ -131,18 +131,6 @@ def evaluate_mc(model: torch.nn.Module, data: torch.Tensor, *, samples: int, bat
     return {"loss": total / count, "tokens": count, "samples": samples}
 
 
-def figures(loss: float, level: str) -> dict:
-    """The headline figure for a mean loss in nats: bpc for characters, ppl for words."""
-    if level == "char":
-        return {"bpc": loss / math.log(2.0)}
-    return {"ppl": math.exp(min(loss, 700.0))}
-
-
-def headline(loss: float, level: str) -> str:
-    name, value = next(iter(figures(loss, level).items()))
-    return f"{name} {value:.3f}" if name == "bpc" else f"{name} {value:.2f}"
-
-
 def raw_bpc(loss: float, tokens: int, chars: int | None) -> dict:
     """Bits per character of the raw text, one scale for every tokenizer: ``{"bpc_raw": ...}``.
 

@@ -318,16 +318,11 @@ def _from_checkpoint(cfg: GradVarianceConfig):
     encoded by its own tokenizer, so the ids are the ones the weights were trained on; only
     ``data_root`` (PTB's folder) may move it.
     """
-    from lm import checkpoint
-    from lm.config import config_from_dict
     from lm.data import open_corpus
+    from lm.trained import load_trained
 
-    ckpt = checkpoint.load(cfg.checkpoint, map_location="cpu")
-    try:
-        train_cfg = config_from_dict(ckpt["config"])
-    except ConfigError as exc:
-        raise UserError(f"checkpoint {cfg.checkpoint}: its config does not validate: {exc}") \
-            from None
+    trained = load_trained(cfg.checkpoint)
+    ckpt, train_cfg = trained.ckpt, trained.config
     if cfg.data_root:
         train_cfg.data.root = cfg.data_root
     with _data_root_advice():
@@ -335,7 +330,7 @@ def _from_checkpoint(cfg: GradVarianceConfig):
     step = ckpt.get("progress", {}).get("step")
     source = {"kind": "checkpoint", "path": cfg.checkpoint, "step": step,
               "label": f"checkpoint {cfg.checkpoint}" + (f" (step {step})" if step else "")}
-    return train_cfg.model, checkpoint.eval_weights(ckpt), corpus, source
+    return train_cfg.model, trained.model.state_dict(), corpus, source
 
 
 def _fresh_corpus(cfg: GradVarianceConfig):

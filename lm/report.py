@@ -40,9 +40,10 @@ from typing import Optional, Sequence
 
 import numpy as np
 
+from lm import scores
 from lm.config import flat
 from lm.errors import UserError
-from lm.runs import Run, find_runs
+from lm.runs import Run, find_runs, fmt_duration
 
 # Fields that say where and how a run was written, not what was trained: runs differing only
 # in these (and the seed) are one group.
@@ -162,25 +163,10 @@ def group_runs(runs: list) -> list:
 # ----------------------------------------------------------------------------- formatting
 
 
-def fmt_score(value, metric: str) -> str:
-    if value is None:
-        return "–"
-    return f"{value:.3f}" if metric == "bpc" else f"{value:.2f}"
-
-
 def fmt_mean_sd(mean, sd, metric: str) -> str:
     if mean is None:
         return "–"
-    return fmt_score(mean, metric) + (f" ± {fmt_score(sd, metric)}" if sd is not None else "")
-
-
-def fmt_duration(seconds) -> str:
-    if seconds is None:
-        return "–"
-    if seconds < 60:
-        return f"{seconds:.0f} s"
-    minutes = seconds / 60
-    return f"{minutes:.1f} min" if minutes < 120 else f"{minutes / 60:.1f} h"
+    return scores.fmt(mean, metric) + (f" ± {scores.fmt(sd, metric)}" if sd is not None else "")
 
 
 def fmt_range(values: list, fmt: str) -> str:
@@ -214,8 +200,8 @@ def markdown(rows: list) -> str:
         out.append("| recipe | parameters | seeds | steps | epochs | valid | test "
                    + ("| valid bpc (raw text) | test bpc (raw text) " if raw else "")
                    + "| paper row | paper valid | paper test | tokens/s | wall |"
-                   + "".join(f" steps to valid ≤ {fmt_score(x, metric)} | wall to valid ≤ "
-                             f"{fmt_score(x, metric)} |" for x in reach))
+                   + "".join(f" steps to valid ≤ {scores.fmt(x, metric)} | wall to valid ≤ "
+                             f"{scores.fmt(x, metric)} |" for x in reach))
         out.append("|---|---:|---|---:|---:|---:|---:|" + ("---:|---:|" if raw else "")
                    + "---|---:|---:|---:|---:|" + "---:|---:|" * len(reach))
         for r in mine:
@@ -227,10 +213,10 @@ def markdown(rows: list) -> str:
                 f"| {fmt_range(r['epochs'], '{:g}')} "
                 f"| {fmt_mean_sd(r['valid_mean'], r['valid_sd'], metric)} "
                 f"| {fmt_mean_sd(r['test_mean'], r['test_sd'], metric)} "
-                + (f"| {fmt_score(r['valid_bpc_raw'], 'bpc')} | {fmt_score(r['test_bpc_raw'], 'bpc')} "
+                + (f"| {scores.fmt(r['valid_bpc_raw'], 'bpc')} | {scores.fmt(r['test_bpc_raw'], 'bpc')} "
                    if raw else "")
-                + f"| {r['paper_row'] or '–'} | {fmt_score(r['paper_valid'], metric)} "
-                f"| {fmt_score(r['paper_test'], metric)} | {rate} | {fmt_duration(r['wall_seconds'])} |"
+                + f"| {r['paper_row'] or '–'} | {scores.fmt(r['paper_valid'], metric)} "
+                f"| {scores.fmt(r['paper_test'], metric)} | {rate} | {fmt_duration(r['wall_seconds'])} |"
                 + "".join(f" {fmt_reached(steps, '{:,.0f}')} | {fmt_reached(wall, '{:,.0f} s')} |"
                           for steps, wall in zip(r["reach_steps"], r["reach_wall"])))
         out.append("")

@@ -16,14 +16,23 @@ from typing import Optional
 
 import yaml
 
+from lm import scores
 from lm.errors import UserError
 
 SEED_SUFFIX = re.compile(r"-s\d+$")
 
 
-def headline_metric(level: str) -> str:
-    """The figure a run is judged by: bits per character, or perplexity for word-like tokens."""
-    return "bpc" if level == "char" else "ppl"
+
+
+def fmt_duration(seconds) -> str:
+    """A wall time as tables and status lines show it: ``42 s``, ``54.7 min``, ``2.1 h``."""
+    if seconds is None:
+        return "–"
+    seconds = max(seconds, 0)
+    if seconds < 60:
+        return f"{seconds:.0f} s"
+    minutes = seconds / 60
+    return f"{minutes:.1f} min" if minutes < 120 else f"{minutes / 60:.1f} h"
 
 
 @dataclass
@@ -93,7 +102,7 @@ class Run:
 
     @property
     def metric(self) -> str:
-        return headline_metric(self.level)
+        return scores.metric(self.level)
 
     # ---------------------------------------------------------------- progress
     @property

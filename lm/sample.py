@@ -18,11 +18,9 @@ import sys
 
 import torch
 
-from lm import checkpoint
-from lm.config import config_from_dict, resolve_device
-from lm.data import tokenizer_from_checkpoint
+from lm.config import resolve_device
 from lm.errors import DataError, UserError
-from lm.model import LanguageModel
+from lm.trained import load_trained
 
 
 def parse_args(argv):
@@ -73,12 +71,8 @@ def generate(model: torch.nn.Module, context: list[int], tokens: int, *, tempera
 def run(args) -> str:
     check_args(args)
     device = resolve_device(args.device)
-    ckpt = checkpoint.load(args.checkpoint, map_location=device)
-    cfg = config_from_dict(ckpt["config"])
-    tokenizer = tokenizer_from_checkpoint(ckpt, cfg.data, args.checkpoint)
-    model = LanguageModel(cfg.model, len(tokenizer))
-    checkpoint.load_model_state(model, checkpoint.eval_weights(ckpt), args.checkpoint)
-    model.to(device)
+    trained = load_trained(args.checkpoint, device)
+    model, tokenizer = trained.model, trained.tokenizer
     try:
         prompt = tokenizer.encode_prompt(args.prompt) if args.prompt else []
     except DataError as exc:

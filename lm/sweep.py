@@ -32,10 +32,10 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from lm import checkpoint
+from lm import checkpoint, scores
 from lm.config import load_config
 from lm.errors import CheckpointError, ConfigError, UserError
-from lm.runs import Run
+from lm.runs import Run, fmt_duration
 
 TRAIN_SCRIPT = Path(__file__).resolve().parent.parent / "train.py"
 DEFAULT_OUT = "checkpoints/sweep"
@@ -158,13 +158,6 @@ def shell_line(job: Job) -> str:
     return " ".join(["python", "train.py", *map(shlex.quote, args)])
 
 
-def fmt_duration(seconds: float) -> str:
-    seconds = int(max(seconds, 0))
-    h, rem = divmod(seconds, 3600)
-    m, s = divmod(rem, 60)
-    return f"{h}h{m:02d}m" if h else f"{m}m{s:02d}s"
-
-
 class StatusLine:
     """One line per run: rewritten in place on a terminal, printed at intervals otherwise."""
 
@@ -204,8 +197,8 @@ def done_detail(job: Job) -> str:
     run = Run.load(job.run_dir)
     valid, test = run.score(run.final("valid")), run.score(run.final("test"))
     wall = run.summary.get("wall_seconds")
-    fmt = "{:.3f}" if run.metric == "bpc" else "{:.2f}"
-    return (f"valid {run.metric} {fmt.format(valid)}, test {run.metric} {fmt.format(test)} "
+    return (f"valid {run.metric} {scores.fmt(valid, run.metric)}, "
+            f"test {run.metric} {scores.fmt(test, run.metric)} "
             f"({run.steps:,} steps" + (f", {fmt_duration(wall)})" if wall else ")"))
 
 

@@ -302,12 +302,12 @@ def test_one_field_decides_the_kind_of_token(recipe, level):
     and metric, not the character defaults (they once resolved as level char)."""
     from lm.data.tokenizers import tokenizer_kind
     from lm.evaluation import DEFAULT_WARMUP, eval_warmup
-    from lm.runs import headline_metric
+    from lm.scores import metric
 
     cfg = load_config(REPO / "recipes" / f"{recipe}.yaml")
     assert cfg.data.level == level
     assert eval_warmup(cfg.data) == DEFAULT_WARMUP["word"] != DEFAULT_WARMUP["char"]
-    assert headline_metric(cfg.data.level) == "ppl"
+    assert metric(cfg.data.level) == "ppl"
     assert tokenizer_kind(cfg.data) == ("sentencepiece" if level == "subword" else "word")
 
 

@@ -29,7 +29,7 @@ import zlib
 from pathlib import Path
 from typing import Mapping
 
-from lm.errors import DataError
+from lm.errors import DataError, one_line
 from lm.fileio import atomic_write_bytes
 
 PTB_URL = "http://www.fit.vutbr.cz/~imikolov/rnnlm/simple-examples.tgz"
@@ -57,11 +57,6 @@ def split_file(split: str) -> str:
     if split not in SPLITS:
         raise ValueError(f"unknown split {split!r}; expected one of {SPLITS}")
     return f"ptb.{split}.txt"
-
-
-def _one_line(text: object) -> str:
-    """Collapse whitespace so an error message stays on one line."""
-    return " ".join(str(text).split())
 
 
 def root_origin(root: str | os.PathLike | None) -> str:
@@ -115,7 +110,7 @@ def read_split_text(root: str | os.PathLike, split: str, origin: str | None = No
     try:
         raw = path.read_bytes()
     except OSError as exc:
-        raise DataError(f"cannot read PTB file {path} ({_one_line(exc)}); check its permissions") from exc
+        raise DataError(f"cannot read PTB file {path} ({one_line(exc)}); check its permissions") from exc
     return _decode_checked(raw, path, origin)
 
 
@@ -157,13 +152,13 @@ def _download(url: str, dest, timeout: float, hint: str) -> None:
                     bar.update(len(chunk))
     except urllib.error.HTTPError as exc:
         raise DataError(
-            f"could not download the PTB corpus from {url} (HTTP {exc.code} {_one_line(exc.reason)}); "
+            f"could not download the PTB corpus from {url} (HTTP {exc.code} {one_line(exc.reason)}); "
             f"{hint}"
         ) from exc
     except (urllib.error.URLError, OSError, ValueError) as exc:
         reason = getattr(exc, "reason", exc)
         raise DataError(
-            f"could not download the PTB corpus from {url} ({_one_line(reason)}); {hint}"
+            f"could not download the PTB corpus from {url} ({one_line(reason)}); {hint}"
         ) from exc
 
 
@@ -192,7 +187,7 @@ def _extract_members(archive: Path, names: list[str], url: str, hint: str) -> di
                 found[wanted[name]] = fh.read()
     except (tarfile.TarError, EOFError, OSError, zlib.error) as exc:
         raise DataError(
-            f"download from {url} is not a valid .tgz archive ({_one_line(exc)}); {hint}"
+            f"download from {url} is not a valid .tgz archive ({one_line(exc)}); {hint}"
         ) from exc
     missing = [f"{ARCHIVE_DIR}/{n}" for n in names if n not in found]
     if missing:
@@ -255,7 +250,7 @@ def _fetch(path: Path, missing: list[str], url: str, timeout: float, sums: Mappi
         fd, tmp_name = tempfile.mkstemp(dir=path, prefix=".simple-examples.", suffix=".tgz.part")
     except OSError as exc:
         raise DataError(
-            f"cannot write to the data folder {path} ({_one_line(exc)}); "
+            f"cannot write to the data folder {path} ({one_line(exc)}); "
             f"set {_setting(origin)} to a writable folder"
         ) from exc
     tmp = Path(tmp_name)

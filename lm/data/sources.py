@@ -29,16 +29,12 @@ import os
 from pathlib import Path
 from typing import Iterator
 
-from lm.errors import DataError
+from lm.errors import DataError, one_line
 
 from .ptb import SPLITS, prepare_ptb, split_file
 
 SOURCES = ("ptb", "text", "hf")
 _HASH_CHUNK = 1 << 20
-
-
-def _one_line(text: object) -> str:
-    return " ".join(str(text).split())
 
 
 class SplitText:
@@ -73,7 +69,7 @@ class TextFileSplit(SplitText):
                     yield line[:-1] if line.endswith("\n") else line
         except UnicodeDecodeError as exc:
             raise DataError(f"{self.key} file {self.path} is not UTF-8 text (near line {lineno + 1}: "
-                            f"{_one_line(exc.reason)}); convert it to UTF-8") from None
+                            f"{one_line(exc.reason)}); convert it to UTF-8") from None
         except OSError as exc:
             raise DataError(f"cannot read {self.key} file {self.path} ({exc.strerror or exc}); "
                             f"check its permissions") from None
@@ -162,7 +158,7 @@ def open_hf(dc, splits=SPLITS) -> dict[str, SplitText]:
             loaded = datasets.load_from_disk(str(folder))
         except (FileNotFoundError, ValueError, OSError) as exc:
             raise DataError(f"data.path {folder} is not a dataset saved with save_to_disk "
-                            f"({_one_line(exc)}); save one with DatasetDict.save_to_disk") from None
+                            f"({one_line(exc)}); save one with DatasetDict.save_to_disk") from None
         if not isinstance(loaded, datasets.DatasetDict):
             raise DataError(f"data.path {folder} holds a single Dataset, not a DatasetDict with the "
                             f"splits {', '.join(names[s] for s in splits)}; save a DatasetDict")
@@ -180,14 +176,14 @@ def open_hf(dc, splits=SPLITS) -> dict[str, SplitText]:
         except ConnectionError as exc:
             raise DataError(
                 f"dataset {label} is not in the local datasets cache ({_cache_hint()}) and cannot be "
-                f"downloaded ({_one_line(exc)}); run once with a network connection (without "
+                f"downloaded ({one_line(exc)}); run once with a network connection (without "
                 f"HF_DATASETS_OFFLINE/HF_HUB_OFFLINE), or save it with save_to_disk and set "
                 f"data.path=FOLDER") from None
         except ValueError as exc:
-            raise DataError(f"dataset {label}: split {names[s]!r} cannot be loaded ({_one_line(exc)}); "
+            raise DataError(f"dataset {label}: split {names[s]!r} cannot be loaded ({one_line(exc)}); "
                             f"set data.{s}_split to one of its splits") from None
         except (FileNotFoundError, OSError, datasets.exceptions.DatasetNotFoundError) as exc:
-            raise DataError(f"dataset {label} cannot be loaded ({_one_line(exc)}); check data.name "
+            raise DataError(f"dataset {label} cannot be loaded ({one_line(exc)}); check data.name "
                             f"and data.config, or save it with save_to_disk and set "
                             f"data.path=FOLDER") from None
         out[s] = DatasetSplit(ds, dc.text_field, f"dataset {label} split {names[s]!r}")

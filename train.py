@@ -32,10 +32,11 @@ from lm import checkpoint, distributed, fileio, precision, runlock
 from lm.config import Config, load_config, resolve_device, resume_changes
 from lm.data import TrainStream, open_corpus
 from lm.errors import CheckpointError, UserError
-from lm.evaluation import eval_warmup, evaluate, figures, headline, raw_bpc
+from lm.evaluation import eval_warmup, evaluate, raw_bpc
 from lm.metrics import MetricsLog, NullLog, provenance, write_run_summary
 from lm.model import Columns, LanguageModel, cross_entropy_sum, detach_state
 from lm.optim import EarlyStopping, Schedule, build_optimizer
+from lm.scores import figures, headline
 
 # Vocabulary sizes of Mikolov's PTB, so that --dry-run can count parameters without the data.
 PTB_VOCAB_SIZE = {"word": 10_000, "char": 50}

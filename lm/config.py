@@ -24,6 +24,7 @@ import torch
 import yaml
 
 from lm.errors import ConfigError
+from lm.nn.lstm import LSTMArgumentError, check_regularizers
 
 
 def resumable(default, **kw):
@@ -459,24 +460,10 @@ def validate(cfg: Config) -> Config:
                "one-hot input has no embedding to drop; set it to 0 or model.input=embedding")
         _check(not m.tie_weights, "model.tie_weights",
                "one-hot input has no embedding to tie; set it to false")
-    for name in ("weight_drop", "input_weight_drop", "hidden_dropout", "zoneout_cell",
-                 "zoneout_hidden", "cell_dropout"):
-        _prob(getattr(r, name), f"model.lstm.{name}")
-    for name in ("weight_noise", "input_weight_noise"):
-        _check(getattr(r, name) >= 0.0, f"model.lstm.{name}",
-               f"a noise standard deviation must be >= 0, got {getattr(r, name)}")
-    for drop, noise in (("weight_drop", "weight_noise"), ("input_weight_drop", "input_weight_noise")):
-        _check(not (getattr(r, drop) and getattr(r, noise)), f"model.lstm.{drop}",
-               f"cannot be combined with model.lstm.{noise}; set one of them to 0")
-    if r.flipout:
-        _check(any([r.weight_drop, r.weight_noise, r.input_weight_drop, r.input_weight_noise]),
-               "model.lstm.flipout", "flipout needs a weight perturbation; set "
-               "model.lstm.weight_drop=0.5 or model.lstm.weight_noise>0")
-        for name in ("weight_drop", "input_weight_drop"):
-            p = getattr(r, name)
-            _check(p in (0.0, 0.5), f"model.lstm.{name}",
-                   f"flipout DropConnect needs exactly 0.5 (only p=0.5 is symmetric about the "
-                   f"mean), got {p}; use 0.5 or model.lstm.weight_noise for Gaussian flipout")
+    try:  # the layer owns its arguments' rules; its messages name this config's keys
+        check_regularizers(vars(r), name=lambda arg: f"model.lstm.{arg}")
+    except LSTMArgumentError as exc:
+        raise ConfigError(str(exc)) from None
     _check(o.lr > 0, "optim.lr", f"must be positive, got {o.lr}")
     _check(o.weight_decay >= 0, "optim.weight_decay", f"must be >= 0, got {o.weight_decay}")
     _check(all(0.0 <= b < 1.0 for b in o.betas), "optim.betas", f"each must be in [0, 1), got {list(o.betas)}")

@@ -4,37 +4,60 @@ import torch
 
 from lm.errors import UserError
 from lm.nn import LSTM
+from lm.nn.lstm import LSTMArgumentError
 
 
 @pytest.mark.parametrize("name", ["dropout", "weight_drop", "input_weight_drop", "hidden_dropout",
                                   "zoneout_cell", "zoneout_hidden", "cell_dropout"])
-@pytest.mark.parametrize("value", [-0.1, 1.0, 1.5])
+@pytest.mark.parametrize("value", [-0.1, 1.0, 1.5, float("nan")])
 def test_probability_out_of_range(name, value):
-    with pytest.raises(ValueError, match=rf"{name}=.*0 <= {name} < 1"):
+    with pytest.raises(LSTMArgumentError, match=rf"^{name}: {value!r} is not a probability in \[0, 1\)") as err:
         LSTM(3, 4, **{name: value})
+    assert err.value.argument == name
 
 
 @pytest.mark.parametrize("name", ["weight_noise", "input_weight_noise"])
-def test_negative_sigma(name):
-    with pytest.raises(ValueError, match=rf"{name}=-0.5 must be .*>= 0"):
-        LSTM(3, 4, **{name: -0.5})
+@pytest.mark.parametrize("value", [-0.5, float("inf")])
+def test_bad_sigma(name, value):
+    with pytest.raises(ValueError, match=rf"^{name}: {value!r} must be a finite standard deviation >= 0"):
+        LSTM(3, 4, **{name: value})
 
 
 def test_flipout_without_perturbation():
-    with pytest.raises(ValueError, match=r"flipout=True needs a weight perturbation.*weight_drop=0.5"):
+    with pytest.raises(ValueError, match=r"^flipout: flipout needs a weight perturbation.*weight_drop=0.5"):
         LSTM(3, 4, flipout=True, hidden_dropout=0.2)
 
 
 @pytest.mark.parametrize("name", ["weight_drop", "input_weight_drop"])
 def test_flipout_dropconnect_must_be_half(name):
-    with pytest.raises(ValueError, match=rf"{name}=0.3 with flipout=True: only p=0.5 .*symmetric"
-                                         rf".*noise=sigma"):
+    with pytest.raises(ValueError, match=rf"^{name}: flipout DropConnect needs exactly 0.5 .*symmetric"
+                                         rf".*got 0.3; use 0.5, or {name.replace('drop', 'noise')}"):
         LSTM(3, 4, flipout=True, **{name: 0.3})
 
 
 def test_drop_and_noise_on_one_matrix():
-    with pytest.raises(ValueError, match="weight_drop and weight_noise are both set"):
+    with pytest.raises(ValueError, match="^weight_drop: cannot be combined with weight_noise"):
         LSTM(3, 4, weight_drop=0.5, weight_noise=0.1)
+
+
+def test_the_config_asks_the_layer(monkeypatch):
+    """lm.config has no copy of the rules: a rule the layer adds is one the config enforces,
+    in the config's own key names."""
+    from lm.config import load_config
+    from lm.errors import ConfigError
+    from lm.nn import lstm
+
+    real = lstm.check_regularizers
+
+    def stricter(args, name=str):
+        real(args, name)
+        if args.get("hidden_dropout", 0) > 0.5:
+            raise lstm.LSTMArgumentError(f"{name('hidden_dropout')}: above 0.5 (a new rule)", "hidden_dropout")
+
+    monkeypatch.setattr("lm.config.check_regularizers", stricter)
+    with pytest.raises(ConfigError, match=r"^model.lstm.hidden_dropout: above 0.5 \(a new rule\)"):
+        load_config(None, ["model.lstm.hidden_dropout=0.6"])
+    assert load_config(None, ["model.lstm.hidden_dropout=0.4"]).model.lstm.hidden_dropout == 0.4
 
 
 @pytest.mark.parametrize("kw,match", [(dict(bidirectional=True), "bidirectional"),
@@ -45,9 +68,11 @@ def test_unsupported(kw, match):
         LSTM(3, 4, **kw)
 
 
-def test_errors_are_user_errors():
-    with pytest.raises(UserError):
+def test_the_layer_raises_value_error_not_the_trainers_errors():
+    """lm.nn is reusable on its own: its errors are ValueErrors, not lm.errors' UserError."""
+    with pytest.raises(ValueError) as err:
         LSTM(3, 4, weight_drop=2.0)
+    assert not isinstance(err.value, UserError)
 
 
 def test_bad_forward_arguments():

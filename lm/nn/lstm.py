@@ -24,37 +24,69 @@ from __future__ import annotations
 import dataclasses
 import math
 import warnings
-from typing import Optional, Tuple, Union
+from typing import Callable, Optional, Tuple, Union
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.nn.utils.rnn import PackedSequence
 
-from lm.errors import ConfigError
-
 from .noise import LayerNoise, LSTMNoise, bernoulli, relative_delta, signs
 from .recurrence import lstm_recurrence
 
 
-class LSTMArgumentError(ConfigError, ValueError):
-    """A bad ``LSTM`` argument: a ``ValueError`` that the command line reports as one line."""
+class LSTMArgumentError(ValueError):
+    """A bad ``LSTM`` argument; ``argument`` names it (a command line shows it as one line)."""
+
+    def __init__(self, message: str, argument: Optional[str] = None):
+        super().__init__(message)
+        self.argument = argument
 
 
-def _check_probability(name: str, value: float) -> float:
-    value = float(value)
-    if not (0.0 <= value < 1.0) or math.isnan(value):
-        raise LSTMArgumentError(
-            f"{name}={value!r} is not a probability in [0, 1); pass 0 <= {name} < 1 (0 disables it)")
-    return value
+# The regularizer arguments, by kind; check_regularizers() holds every rule they obey.
+PROBABILITIES = ("weight_drop", "input_weight_drop", "hidden_dropout", "zoneout_cell",
+                 "zoneout_hidden", "cell_dropout")
+SIGMAS = ("weight_noise", "input_weight_noise")
 
 
-def _check_sigma(name: str, value: float) -> float:
-    value = float(value)
-    if not value >= 0.0 or math.isinf(value):
-        raise LSTMArgumentError(
-            f"{name}={value!r} must be a finite standard deviation >= 0 (0 disables the noise)")
-    return value
+def check_regularizers(args: dict, name: Callable[[str], str] = str) -> None:
+    """Raise :class:`LSTMArgumentError` unless the regularizer arguments ``args`` (keyword
+    arguments of :class:`LSTM`; absent ones are 0/False) fit together.
+
+    The layer's own rules, which a config asks too (``lm.config`` passes
+    ``name=lambda a: f"model.lstm.{a}"`` so that its messages name its keys): rates are
+    probabilities in [0, 1), noise scales finite and >= 0, one perturbation per matrix, and
+    flipout needs a perturbation that is symmetric about zero (Gaussian, or DropConnect at
+    exactly p = 0.5: ``m/(1-p) - 1 = ±1`` only then).
+    """
+    def fail(arg: str, message: str):
+        raise LSTMArgumentError(f"{name(arg)}: {message}", arg)
+
+    value = {k: args.get(k, 0.0) for k in PROBABILITIES + SIGMAS}
+    for arg in PROBABILITIES:
+        p = float(value[arg])
+        if not 0.0 <= p < 1.0:  # NaN fails too
+            fail(arg, f"{p!r} is not a probability in [0, 1) (0 disables it)")
+    for arg in SIGMAS:
+        sigma = float(value[arg])
+        if not sigma >= 0.0 or math.isinf(sigma):
+            fail(arg, f"{sigma!r} must be a finite standard deviation >= 0 (0 disables the noise)")
+    for drop, sigma, matrix in (("weight_drop", "weight_noise", "hidden-to-hidden"),
+                                ("input_weight_drop", "input_weight_noise", "input-to-hidden")):
+        if value[drop] and value[sigma]:
+            fail(drop, f"cannot be combined with {name(sigma)}: choose one perturbation of the "
+                       f"{matrix} matrix and set the other to 0")
+    if args.get("flipout"):
+        if not any(value[k] for k in ("weight_drop", "weight_noise", "input_weight_drop",
+                                      "input_weight_noise")):
+            fail("flipout", f"flipout needs a weight perturbation to decorrelate; set "
+                            f"{name('weight_drop')}=0.5 or {name('weight_noise')}>0 (or their "
+                            f"input_ counterparts)")
+        for drop, sigma in (("weight_drop", "weight_noise"), ("input_weight_drop", "input_weight_noise")):
+            if value[drop] and value[drop] != 0.5:
+                fail(drop, f"flipout DropConnect needs exactly 0.5 (only p=0.5 is symmetric "
+                           f"about the mean), got {value[drop]}; use 0.5, or {name(sigma)} for "
+                           f"Gaussian flipout")
 
 
 class LSTM(nn.LSTM):
@@ -109,35 +141,20 @@ class LSTM(nn.LSTM):
             raise LSTMArgumentError("proj_size is not supported by lm.nn.LSTM; pass proj_size=0")
         if int(num_layers) < 1:
             raise LSTMArgumentError(f"num_layers={num_layers!r} must be >= 1")
-        dropout = _check_probability("dropout", dropout)
-        self.weight_drop = _check_probability("weight_drop", weight_drop)
-        self.weight_noise = _check_sigma("weight_noise", weight_noise)
-        self.input_weight_drop = _check_probability("input_weight_drop", input_weight_drop)
-        self.input_weight_noise = _check_sigma("input_weight_noise", input_weight_noise)
-        self.hidden_dropout = _check_probability("hidden_dropout", hidden_dropout)
-        self.zoneout_cell = _check_probability("zoneout_cell", zoneout_cell)
-        self.zoneout_hidden = _check_probability("zoneout_hidden", zoneout_hidden)
-        self.cell_dropout = _check_probability("cell_dropout", cell_dropout)
-        self.cell_dropout_per_step = bool(cell_dropout_per_step)
+        dropout = float(dropout)
+        if not 0.0 <= dropout < 1.0:
+            raise LSTMArgumentError(f"dropout: {dropout!r} is not a probability in [0, 1) "
+                                    f"(0 disables it)", "dropout")
+        regularizers = dict(weight_drop=weight_drop, weight_noise=weight_noise,
+                            input_weight_drop=input_weight_drop,
+                            input_weight_noise=input_weight_noise, flipout=flipout,
+                            hidden_dropout=hidden_dropout, zoneout_cell=zoneout_cell,
+                            zoneout_hidden=zoneout_hidden, cell_dropout=cell_dropout)
+        check_regularizers(regularizers)
+        for arg in PROBABILITIES + SIGMAS:
+            setattr(self, arg, float(regularizers[arg]))
         self.flipout = bool(flipout)
-        for drop, sigma, matrix in (("weight_drop", "weight_noise", "hidden-to-hidden"),
-                                    ("input_weight_drop", "input_weight_noise", "input-to-hidden")):
-            if getattr(self, drop) > 0 and getattr(self, sigma) > 0:
-                raise LSTMArgumentError(f"{drop} and {sigma} are both set; choose one perturbation "
-                                        f"of the {matrix} matrix")
-        if self.flipout:
-            if not (self.weight_drop or self.weight_noise or self.input_weight_drop
-                    or self.input_weight_noise):
-                raise LSTMArgumentError(
-                    "flipout=True needs a weight perturbation to decorrelate; set weight_drop=0.5, "
-                    "weight_noise>0, input_weight_drop=0.5 or input_weight_noise>0")
-            for name in ("weight_drop", "input_weight_drop"):
-                p = getattr(self, name)
-                if p and p != 0.5:
-                    raise LSTMArgumentError(
-                        f"{name}={p} with flipout=True: only p=0.5 DropConnect is symmetric about "
-                        f"zero as flipout requires; use {name}=0.5, or "
-                        f"{name.replace('drop', 'noise')}=sigma for multiplicative Gaussian noise")
+        self.cell_dropout_per_step = bool(cell_dropout_per_step)
         super().__init__(input_size, hidden_size, num_layers, bias=bias, batch_first=batch_first,
                          dropout=dropout, device=device, dtype=dtype)
 

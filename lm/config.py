@@ -27,12 +27,21 @@ from lm.errors import ConfigError
 from lm.nn.lstm import LSTMArgumentError, check_regularizers
 
 
-def resumable(default, **kw):
-    """A field that a resumed run may change (``--resume`` with a new value): the new value is
-    applied and recorded in ``config.yaml`` and the checkpoints. Every other field fixes the
-    experiment (its model, data, optimizer, noise or schedule), so ``--resume`` refuses a change
-    to it (:func:`resume_changes`)."""
-    return field(default=default, metadata={"on_resume": "apply"}, **kw)
+def bound(default):
+    """A bound on training (epochs, steps, patience): part of what a run is, but a resumed run
+    may raise it (``--resume`` applies and records the new value)."""
+    return field(default=default, metadata={"role": "bound"})
+
+
+def bookkeeping(default):
+    """Where and how a run is written, read or shown (paths, devices, logging, the paper's
+    labels), not what it trains: a resumed run may change it, and runs that differ only in it
+    are the same experiment (``lm.report`` groups them)."""
+    return field(default=default, metadata={"role": "bookkeeping"})
+
+
+# Every other field fixes the experiment (model, data, optimizer, noise, schedule, seed): a
+# change on --resume is refused (resume_changes), and a report keeps such runs apart.
 
 
 @dataclass
@@ -42,9 +51,9 @@ class DataConfig:
     # asks to rebuild it; whitespace-split words elsewhere) | subword (sentencepiece pieces).
     # Every level-keyed default (the metric, the evaluation warm-up) follows it.
     level: Literal["char", "word", "subword"] = "char"
-    root: Optional[str] = resumable(None)  # None: $LM_DATA_ROOT, else data/ptb
-    url: Optional[str] = resumable(None)  # PTB's archive; None: Mikolov's (lm.data.ptb.PTB_URL)
-    download: bool = resumable(True)
+    root: Optional[str] = bookkeeping(None)  # None: $LM_DATA_ROOT, else data/ptb
+    url: Optional[str] = bookkeeping(None)  # PTB's archive; None: Mikolov's (lm.data.ptb.PTB_URL)
+    download: bool = bookkeeping(True)
     batch_size: int = 32
     bptt: int = 100
     # Shuffled non-overlapping sequences (the paper's character setting) cannot carry state.
@@ -78,7 +87,7 @@ class DataConfig:
     min_count: Optional[int] = None  # word: tokens seen fewer times become <unk> (null: 1)
     vocab_size: Optional[int] = None  # subword: pieces, <eos> and unknown included
     sp_model: Optional[Literal["bpe", "unigram"]] = None  # subword (null: unigram)
-    cache_dir: Optional[str] = resumable(None)  # encoded corpora; null: $LM_CACHE_DIR, else ~/.cache/lm
+    cache_dir: Optional[str] = bookkeeping(None)  # encoded corpora; null: $LM_CACHE_DIR, else ~/.cache/lm
 
 
 @dataclass
@@ -144,19 +153,19 @@ class OptimConfig:
 
 @dataclass
 class TrainConfig:
-    # Bounds and bookkeeping below are resumable(): a resumed run may raise a bound that ended it.
-    epochs: int = resumable(50)
-    max_steps: int = resumable(0)  # 0: no bound besides epochs
+    # Bounds and bookkeeping below are bookkeeping(): a resumed run may raise a bound that ended it.
+    epochs: int = bound(50)
+    max_steps: int = bound(0)  # 0: no bound besides epochs
     seed: int = 1111
-    device: str = resumable("auto")  # auto | cpu | cuda | cuda:N
-    run_name: Optional[str] = resumable(None)  # None: the recipe's file name
-    out_dir: str = resumable("checkpoints")
+    device: str = bookkeeping("auto")  # auto | cpu | cuda | cuda:N
+    run_name: Optional[str] = bookkeeping(None)  # None: the recipe's file name
+    out_dir: str = bookkeeping("checkpoints")
     eval_every: int = 0  # steps; 0: once per epoch
-    checkpoint_every: int = resumable(0)  # steps; 0: once per epoch
-    checkpoint_minutes: float = resumable(30.0)  # also a checkpoint after this much time without one; 0: off
-    keep_checkpoints: int = resumable(3)
-    log_every: int = resumable(50)
-    patience: int = resumable(0)  # evaluations without improvement before stopping; 0: never
+    checkpoint_every: int = bookkeeping(0)  # steps; 0: once per epoch
+    checkpoint_minutes: float = bookkeeping(30.0)  # also a checkpoint after this much time without one; 0: off
+    keep_checkpoints: int = bookkeeping(3)
+    log_every: int = bookkeeping(50)
+    patience: int = bound(0)  # evaluations without improvement before stopping; 0: never
     ar: float = 0.0  # activation regularization (AWD-LSTM alpha)
     tar: float = 0.0  # temporal activation regularization (AWD-LSTM beta)
     # fp32 | bf16 | fp16 (CUDA) | auto (bf16 where native, else fp32): autocast around the
@@ -166,19 +175,19 @@ class TrainConfig:
     # keeps its columns, so W ranks mean what one process on the global batch means: one shared
     # perturbation per batch) | per_rank (each rank its own stream: W independent perturbations).
     ddp_noise: Literal["global", "per_rank"] = "global"
-    on_nonfinite: Literal["error", "skip"] = resumable("error")
-    tensorboard: bool = resumable(True)
-    progress: bool = resumable(True)
-    threads: Optional[int] = resumable(None)  # CPU threads (torch.set_num_threads); null: torch's default
+    on_nonfinite: Literal["error", "skip"] = bookkeeping("error")
+    tensorboard: bool = bookkeeping(True)
+    progress: bool = bookkeeping(True)
+    threads: Optional[int] = bookkeeping(None)  # CPU threads (torch.set_num_threads); null: torch's default
 
 
 @dataclass
 class PaperConfig:
     """The published figures a recipe reproduces, shown by ``lm.report`` beside ours."""
 
-    row: Optional[str] = resumable(None)  # e.g. "Table 2: Mult. Gauss + Flipout"
-    valid: Optional[float] = resumable(None)
-    test: Optional[float] = resumable(None)
+    row: Optional[str] = bookkeeping(None)  # e.g. "Table 2: Mult. Gauss + Flipout"
+    valid: Optional[float] = bookkeeping(None)
+    test: Optional[float] = bookkeeping(None)
 
 
 @dataclass
@@ -215,19 +224,24 @@ def _field_paths(cls, prefix: str = ""):
             yield f"{prefix}{f.name}", f
 
 
+def fields_with(role: str) -> set:
+    """The dotted keys of the fields declared with ``role`` (:func:`bound`, :func:`bookkeeping`)."""
+    return {key for key, f in _field_paths(Config) if f.metadata.get("role") == role}
+
+
 def resume_changes(saved: dict, now: "Config") -> tuple[list, list]:
     """What a resumed run changes, as ``(applied, refused)`` lists of ``(key, then, now)``.
 
     ``saved`` is the checkpoint's config dict; a field newer than the checkpoint had its
-    default when the checkpoint was written. ``applied``: the :func:`resumable` fields (bounds,
-    paths, logging); ``refused``: any other field, since it fixes the experiment.
+    default when the checkpoint was written. ``applied``: the :func:`bound` and
+    :func:`bookkeeping` fields; ``refused``: any other field, since it fixes the experiment.
     """
     then, current = {**flat(Config().to_dict()), **flat(saved)}, flat(now.to_dict())
     applied, refused = [], []
     for key, f in _field_paths(Config):
         old, new = then.get(key), current.get(key)
         if old != new:
-            (applied if f.metadata.get("on_resume") == "apply" else refused).append((key, old, new))
+            (applied if f.metadata.get("role") else refused).append((key, old, new))
     return applied, refused
 
 

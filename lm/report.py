@@ -41,24 +41,18 @@ from typing import Optional, Sequence
 import numpy as np
 
 from lm import scores
-from lm.config import flat
+from lm.config import fields_with, flat
 from lm.errors import UserError
 from lm.runs import Run, find_runs, fmt_duration
 
-# Fields that say where and how a run was written, not what was trained: runs differing only
-# in these (and the seed) are one group.
-NOT_IDENTITY = {("train", k) for k in ("seed", "out_dir", "run_name", "progress", "tensorboard",
-                                       "threads", "device", "keep_checkpoints", "checkpoint_every",
-                                       "checkpoint_minutes", "log_every")}
+# Runs that differ only in these (the bookkeeping fields of lm.config, and the seed) are one group.
+NOT_IDENTITY = fields_with("bookkeeping") | {"train.seed"}
 AXES = ("epochs", "steps", "wall")
 
 
 def identity(config: dict) -> str:
     """The group key of a config: everything but the seed and where/how it was written."""
-    kept = {section: ({k: v for k, v in values.items() if (section, k) not in NOT_IDENTITY}
-                      if isinstance(values, dict) else values)
-            for section, values in config.items()}
-    return json.dumps(kept, sort_keys=True)
+    return json.dumps({k: v for k, v in flat(config).items() if k not in NOT_IDENTITY}, sort_keys=True)
 
 
 def mean_sd(values: list) -> tuple:

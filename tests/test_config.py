@@ -114,7 +114,12 @@ def test_dry_run_prints_config_and_parameter_count():
     proc = run_cli("train.py", "recipes/word_ptb.yaml", "model.hidden_size=200", "--dry-run")
     assert proc.returncode == 0, proc.stderr
     assert "hidden_size: 200" in proc.stdout
-    assert "# parameters: " in proc.stdout
+    # The count of the model train.py would build on PTB's 10,000 words, before any data is read.
+    cfg = load_config(REPO / "recipes/word_ptb.yaml", ["model.hidden_size=200"])
+    expected = LanguageModel(cfg.model, 10_000).num_parameters()
+    assert proc.stdout.strip().splitlines()[-1] == f"# parameters: {expected:,}"
+    # embedding, decoder (weight and bias), two layers (two bias vectors each, as torch.nn.LSTM)
+    assert expected == 10_000 * 650 + 10_000 * 200 + 10_000 + 4 * 200 * (650 + 200 + 2) + 4 * 200 * (200 + 200 + 2)
 
 
 def test_new_train_fields_load():

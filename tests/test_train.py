@@ -160,16 +160,27 @@ def test_evaluate_word_run_on_real_ptb(ptb_root, tmp_path):
 
 
 def test_evaluate_batch_size_one_is_the_exact_stream(tiny_ptb, tmp_path):
+    """evaluate.py --batch-size 1 is the split read as one stream: the model run once over
+    [<eos>] + split with the state carried, every token scored once (here by hand)."""
     assert run_train("word_ptb", tiny_ptb, tmp_path, **{"train.max_steps": 3}) == 0
     import evaluate as evaluate_script
-    results = {}
-    for bs in ("1", "3"):
-        args = evaluate_script.parse_args([str(tmp_path / "word_ptb" / "best.pt"), "--batch-size", bs,
-                                           "--data-root", str(tiny_ptb), "--warmup", "0"])
-        results[bs] = evaluate_script.run(args)
-    assert results["1"]["tokens"] == results["3"]["tokens"]
-    assert results["1"]["loss"] != results["3"]["loss"]  # without warm-up, columns start from zero state
-    assert results["1"]["loss"] == pytest.approx(results["3"]["loss"], rel=0.1)
+    from lm.data import open_corpus
+    from lm.model import cross_entropy_sum
+    from lm.trained import load_trained
+
+    best = tmp_path / "word_ptb" / "best.pt"
+    results = {bs: evaluate_script.run(evaluate_script.parse_args(
+        [str(best), "--batch-size", bs, "--data-root", str(tiny_ptb), "--warmup", "0"])) for bs in ("1", "3")}
+    trained = load_trained(best)
+    data = open_corpus(trained.config.data, saved=trained.ckpt).test
+    stream = torch.cat([torch.tensor([trained.tokenizer.eos_id]), data])
+    with torch.no_grad():
+        logits, _, _ = trained.model(stream[:-1].unsqueeze(1))
+        by_hand = cross_entropy_sum(logits, stream[1:].unsqueeze(1)).item() / data.numel()
+    assert results["1"]["tokens"] == results["3"]["tokens"] == data.numel()
+    assert results["1"]["loss"] == pytest.approx(by_hand, rel=1e-6)
+    # Three columns that start from a zero state (no warm-up) lose their context: not exact.
+    assert abs(results["3"]["loss"] - by_hand) > 1e-6 * by_hand
 
 
 def test_evaluating_an_ntasgd_training_checkpoint_scores_the_average(tiny_ptb, tmp_path):
@@ -372,3 +383,70 @@ def test_zaremba_small_recipe_steps_its_rate_per_epoch(tiny_ptb, tmp_path):
     for line in (l for l in lines if l["split"] == "train"):
         epoch = next(e for e in range(1, len(bounds)) if line["step"] <= bounds[e])
         assert line["lr"] == 20.0 / 2 ** max(0, epoch - 4), (line["step"], epoch)
+
+
+# ----------------------------------------------------------------------------- options end to end
+
+
+def test_ar_and_tar_penalize_the_activations(tiny_ptb, tmp_path, monkeypatch):
+    """train.ar / train.tar (AWD-LSTM): the loss minimized adds ar * mean(dropped^2) and
+    tar * mean((raw_t - raw_{t-1})^2); the logged loss stays the cross-entropy alone."""
+    seen = []
+    real = torch.Tensor.backward
+
+    def record(tensor, *args, **kwargs):
+        seen.append(tensor.item())
+        return real(tensor, *args, **kwargs)
+
+    monkeypatch.setattr(torch.Tensor, "backward", record)
+    settings = {"train.max_steps": 3, "train.log_every": 1, "optim.lr": 1e-9}
+    assert run_train("word_ptb", tiny_ptb, tmp_path / "plain", **settings) == 0
+    plain, seen[:] = list(seen), []
+    assert run_train("word_ptb", tiny_ptb, tmp_path / "ar", **settings, **{"train.ar": 2.0, "train.tar": 1.0}) == 0
+    logged = [l["loss"] for l in metrics(tmp_path / "ar" / "word_ptb") if l["split"] == "train"]
+    plain_logged = [l["loss"] for l in metrics(tmp_path / "plain" / "word_ptb") if l["split"] == "train"]
+    assert logged == pytest.approx(plain_logged, rel=1e-5)  # the same model: lr ~ 0 and one seed
+    assert all(a > p + 1e-4 for a, p in zip(seen, plain))  # the penalties were minimized too
+
+
+def test_tied_weights_survive_a_checkpoint_round_trip(tiny_ptb, tmp_path):
+    """model.tie_weights: the decoder is the embedding, in training and after reloading."""
+    from lm.trained import load_trained
+
+    assert run_train("word_ptb", tiny_ptb, tmp_path, **{"train.max_steps": 4, "model.tie_weights": "true"}) == 0
+    model = load_trained(tmp_path / "word_ptb" / "best.pt").model
+    assert model.decoder.weight is model.embedding.weight
+    saved = checkpoint.load(tmp_path / "word_ptb" / "last.pt")["model"]
+    assert torch.equal(saved["decoder.weight"], saved["embedding.weight"])
+    with torch.no_grad():
+        model.embedding.weight[0, 0] += 1.0
+    assert model.decoder.weight[0, 0] == model.embedding.weight[0, 0]
+
+
+def test_standard_dropout_draws_a_mask_per_step(tiny_ptb, tmp_path):
+    """model.dropout_type=standard (Zaremba): a new dropout mask at every step, unlike locked."""
+    from lm.config import ModelConfig
+    from lm.model import LanguageModel, sequence_dropout
+
+    model = LanguageModel(ModelConfig(embedding_size=8, hidden_size=8, num_layers=1, input_dropout=0.5,
+                                      dropout_type="standard"), vocab_size=5)
+    model.train()
+    tokens = torch.zeros(6, 2, dtype=torch.long)  # the same word at every step
+    x = torch.nn.functional.embedding(tokens, model.embedding.weight)
+    torch.manual_seed(0)
+    standard = sequence_dropout(x, 0.5, True, locked=False)
+    locked = sequence_dropout(x, 0.5, True, locked=True)
+    assert not all(torch.equal(standard[0] != 0, standard[t] != 0) for t in range(1, 6))
+    assert all(torch.equal(locked[0] != 0, locked[t] != 0) for t in range(1, 6))
+    assert run_train("word_zaremba", tiny_ptb, tmp_path, **{"train.max_steps": 3}) == 0
+
+
+def test_eval_bptt_changes_the_chunks_not_the_score(tiny_ptb, tmp_path):
+    """data.eval_bptt: validation in chunks of another length scores the same stream."""
+    assert run_train("word_ptb", tiny_ptb, tmp_path / "a", **{"train.max_steps": 3}) == 0
+    assert run_train("word_ptb", tiny_ptb, tmp_path / "b", **{"train.max_steps": 3, "data.eval_bptt": 7}) == 0
+    a, b = (metrics(tmp_path / d / "word_ptb") for d in ("a", "b"))
+    assert [l["loss"] for l in a if l["split"] == "train"] == [l["loss"] for l in b if l["split"] == "train"]
+    for x, y in zip([l for l in a if l["split"] != "train"], [l for l in b if l["split"] != "train"]):
+        assert x.get("tokens") == y.get("tokens")
+        assert x["loss"] == pytest.approx(y["loss"], rel=1e-5)

@@ -19,10 +19,8 @@ from conftest import REPO, tiny_overrides, write_tiny_ptb
 from lm import checkpoint, distributed
 from test_reliability import wait_for_steps
 
-# One thread per process (tiny models run fastest so); the recurrence's kernels fixed rather
-# than timed (lm.nn.kernels picks the fastest by measurement, which can differ from one
-# process to the next and with it the last bits of a product); a crash prints its stack.
-WORKER_ENV = {"OMP_NUM_THREADS": "1", "LM_LSTM_KERNELS": "*=default", "PYTHONFAULTHANDLER": "1"}
+# One thread per process (tiny models run fastest so); a crash prints its stack.
+WORKER_ENV = {"OMP_NUM_THREADS": "1", "PYTHONFAULTHANDLER": "1"}
 # Every kind of noise of word_ptb.yaml off: the embedding, input, layer and output dropout
 # and the flipout DropConnect of the recurrent weights.
 NO_NOISE = {"model.embedding_dropout": 0, "model.input_dropout": 0, "model.layer_dropout": 0,

@@ -1,30 +1,18 @@
-"""The recurrence's kernel choice (lm.nn.kernels): every candidate gives the same numbers, the
-choice is timed once and cached, it can be forced, and timing leaves the global RNG alone."""
+"""The recurrence's kernels: the compiled cell and the torch-ops cell, and oneDNN and ``mm``
+products, give the same numbers; the choice is a fixed rule, not a timing race; and choosing
+draws nothing from the global RNG."""
 import itertools
-import json
 
 import pytest
 import torch
 
-from lm.nn import LSTM, fused_cell, kernels, lstm_recurrence, recurrence
+from lm.nn import LSTM, fused_cell, lstm_recurrence, products, recurrence
 
 DT = torch.float64
 T, B, H = 5, 3, 4
 
-# (op, candidates) for each stage; "packed" only exists for float32 and is checked there.
 CELLS = ["torch"] + (["fused"] if fused_cell.library() is not None else [])
-SETTINGS = [dict(cell=c, fwd_pair=fp, bwd_pair=bp, fwd_product=fs, bwd_product="mm")
-            for c, (fp, bp, fs) in itertools.product(CELLS, [("bmm", "mm", "mm"),
-                                                              ("mm", "bmm", "mm")])]
-
-
-@pytest.fixture(autouse=True)
-def _fresh_cache(tmp_path, monkeypatch):
-    """Every test starts with no choices, in memory or on disk (a file of its own)."""
-    monkeypatch.setenv("LM_KERNEL_CHOICES", str(tmp_path / "choices.json"))
-    kernels.clear()
-    yield
-    kernels.clear()
+ONEDNN = products.uses_onednn(torch.device("cpu"), torch.float32)
 
 
 def _inputs(dtype, variant, gen):
@@ -55,162 +43,157 @@ def _run(leaves, noise):
     return [out, hn, cn] + list(torch.autograd.grad(loss, leaves))
 
 
+def _with(monkeypatch, cell=None, onednn=None):
+    """Pin the cell ("torch" or "fused") and whether products use oneDNN."""
+    if cell == "torch":
+        monkeypatch.setattr(fused_cell, "supports", lambda *a, **k: False)
+    if onednn is False:
+        monkeypatch.setattr(products, "uses_onednn", lambda device, dtype: False)
+
+
 VARIANTS = ["plain", "flip", "gal", "zone", "sem", "zexp", "flip+gal+zone+sem", "gal+sem"]
 
 
 @pytest.mark.parametrize("variant", VARIANTS)
-def test_all_candidates_agree_float64(variant):
-    """Outputs and gradients of every kernel combination equal the torch-ops reference."""
-    leaves, noise = _inputs(DT, variant, torch.Generator().manual_seed(1))
-    with kernels.forced(cell="torch", fwd_pair="bmm", bwd_pair="bmm", fwd_product="mm",
-                        bwd_product="mm"):
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_cells_agree(variant, dtype, monkeypatch):
+    """The compiled cell and the torch-ops cell: outputs and gradients equal (float64 to
+    rounding, float32 to 1e-5)."""
+    if "fused" not in CELLS:
+        pytest.skip(f"compiled cell unavailable: {fused_cell.build_error}")
+    leaves, noise = _inputs(dtype, variant, torch.Generator().manual_seed(1))
+    got = _run(leaves, noise)
+    assert recurrence.last_kernels["cell"] == "fused"
+    with monkeypatch.context() as mp:
+        _with(mp, cell="torch")
         ref = _run(leaves, noise)
-    for setting in SETTINGS:
-        with kernels.forced(**setting):
-            got = _run(leaves, noise)
-            assert recurrence.last_kernels["cell"] == setting["cell"]
-        for a, b in zip(got, ref):
-            torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-13, msg=str(setting))
+        assert recurrence.last_kernels["cell"] == "torch"
+    tol = dict(rtol=1e-12, atol=1e-13) if dtype == torch.float64 else dict(rtol=1e-5, atol=1e-5)
+    for a, b in zip(got, ref):
+        torch.testing.assert_close(a, b, **tol)
 
 
-@pytest.mark.parametrize("kind", [
-    pytest.param("packed", marks=pytest.mark.skipif(
-        not recurrence._packed_available(torch.zeros(1)),
-        reason="MKL packed products unavailable in this torch build")),
-    pytest.param("onednn", marks=pytest.mark.skipif(
-        not recurrence._onednn_available(torch.zeros(1)),
-        reason="oneDNN matmul unavailable in this torch build"))])
-@pytest.mark.parametrize("variant", ["flip+gal", "gal+zone"])
-def test_float32_only_products_agree(variant, kind):
+@pytest.mark.parametrize("variant", ["plain", "flip+gal+zone+sem"])
+def test_cells_agree_on_bfloat16_products(variant, monkeypatch):
+    """Mixed precision: both cells widen the bfloat16 products as they read them, so they
+    agree to float32 rounding (the products themselves are the same)."""
+    if "fused" not in CELLS:
+        pytest.skip(f"compiled cell unavailable: {fused_cell.build_error}")
+    leaves, noise = _inputs(torch.float32, variant, torch.Generator().manual_seed(8))
+
+    def run():
+        out, hn, cn = lstm_recurrence(*leaves, *noise, dtype=torch.bfloat16)
+        loss = (out * torch.linspace(-1, 1, out.numel()).view_as(out)).sum() + hn.sum() + cn.sum()
+        return [out, hn, cn] + list(torch.autograd.grad(loss, leaves))
+    got = run()
+    assert recurrence.last_kernels["cell"] == "fused"
+    with monkeypatch.context() as mp:
+        _with(mp, cell="torch")
+        ref = run()
+    for a, b in zip(got, ref):
+        assert a.dtype == torch.float32
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.skipif(not ONEDNN, reason="oneDNN matmul unavailable in this torch build")
+@pytest.mark.parametrize("variant", ["flip+gal", "gal+zone", "plain"])
+@pytest.mark.parametrize("cell", CELLS)
+def test_onednn_and_mm_products_agree(variant, cell, monkeypatch):
+    """float32: oneDNN (the CPU rule) against ``mm`` / ``bmm`` (the rule elsewhere)."""
     leaves64, noise64 = _inputs(DT, variant, torch.Generator().manual_seed(2))
     leaves = [t.detach().float().requires_grad_(True) for t in leaves64]
     noise = [None if t is None else t.float() for t in noise64]
-    with kernels.forced(cell="torch", fwd_pair="bmm", bwd_pair="bmm", fwd_product="mm",
-                        bwd_product="mm"):
+    _with(monkeypatch, cell=cell)
+    got = _run(leaves, noise)
+    assert recurrence.last_kernels["products"] == "onednn"
+    with monkeypatch.context() as mp:
+        _with(mp, onednn=False)
         ref = _run(leaves, noise)
-    for cell in CELLS:
-        with kernels.forced(cell=cell, fwd_pair=kind, bwd_pair=kind,
-                            fwd_product=kind, bwd_product=kind):
-            got = _run(leaves, noise)
-            assert recurrence.last_kernels["fwd"] == kind
-            assert recurrence.last_kernels["bwd"] == kind
-        for a, b in zip(got, ref):
-            torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+        assert recurrence.last_kernels["products"] == "mm"
+    for a, b in zip(got, ref):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
 
 
-def test_choice_is_timed_once_then_cached(monkeypatch):
-    monkeypatch.delenv(kernels.ENV, raising=False)
+def test_the_rule():
+    """oneDNN for CPU float32 (where it runs), ``mm`` for float64; fixed: asking twice, or
+    after a forward call, gives the same answer."""
+    cpu = torch.device("cpu")
+    assert products.kernel_name(cpu, torch.float64) == "mm"
+    assert products.kernel_name(cpu, torch.float32) == ("onednn" if ONEDNN else "mm")
     leaves, noise = _inputs(torch.float32, "flip", torch.Generator().manual_seed(3))
-    before = kernels.tunings
-    _run(leaves, noise)
-    timed = kernels.tunings - before
-    # fwd_pair and bwd_pair always have >1 candidate; the cell has 2 when compiled.
-    assert timed >= 2
-    chosen = kernels.choices()
-    assert all(v in kernels.OPS[k[0]] for k, v in chosen.items())
-    for key in chosen:
-        if len(kernels.timings().get(key, {})) > 1:
-            assert chosen[key] == min(kernels.timings()[key], key=kernels.timings()[key].get)
-    _run(leaves, noise)
-    assert kernels.tunings - before == timed          # second call: cache, no timing
-    assert kernels.choices() == chosen
-    # A new shape is a new key: timed again.
-    leaves2, noise2 = _inputs(torch.float32, "flip", torch.Generator().manual_seed(3))
-    leaves2 = [leaves2[0][:, :2].detach().requires_grad_(True)] + [
-        t[:2].detach().requires_grad_(True) for t in leaves2[1:3]] + [leaves2[3]]
-    noise2 = [noise2[0], noise2[1][:2], noise2[2][:2]] + list(noise2[3:])
-    _run(leaves2, noise2)
-    assert kernels.tunings - before > timed
-
-
-def test_choices_persist_for_a_new_process(tmp_path, monkeypatch):
-    """A later process (here: a cleared cache) takes the choices on disk without timing, so a
-    resumed run uses the kernels of the interrupted one."""
-    monkeypatch.delenv(kernels.ENV, raising=False)
-    leaves, noise = _inputs(torch.float32, "gal", torch.Generator().manual_seed(6))
-    before = kernels.tunings
-    _run(leaves, noise)
-    assert kernels.tunings > before
-    chosen = kernels.choices()
-    on_disk = json.loads((tmp_path / "choices.json").read_text())
-    assert {repr(k): v for k, v in chosen.items() if len(kernels.timings().get(k, {})) > 1} \
-        .items() <= on_disk.items()
-    # Tamper with the file: the next process must follow it, not re-time.
-    # Gal's operations (cell, fwd_product, bwd_product) have two candidates each: a key on
-    # disk was timed between both, so the other one is available too.
-    key = sorted(on_disk)[0]
-    op = key.split("'")[1]
-    other = next(n for n in kernels.OPS[op] if n != on_disk[key])
-    on_disk[key] = other
-    (tmp_path / "choices.json").write_text(json.dumps(on_disk))
-    kernels.clear()
-    mid = kernels.tunings
-    _run(leaves, noise)
-    assert kernels.tunings == mid
-    field = {"cell": "cell", "fwd_product": "fwd", "bwd_product": "bwd"}[op]
-    assert recurrence.last_kernels[field] == other
-
-
-def test_forcing_by_env_and_api(monkeypatch):
-    leaves, noise = _inputs(DT, "flip", torch.Generator().manual_seed(4))
-    monkeypatch.setenv(kernels.ENV, "cell=torch,fwd_pair=mm,bwd_pair=bmm")
-    before = kernels.tunings
-    _run(leaves, noise)
-    assert recurrence.last_kernels == dict(cell="torch", fwd="mm", bwd="bmm")
-    assert kernels.tunings == before                    # forced: nothing timed
-    # The API overrides the environment; an unavailable name falls back to the default.
-    with kernels.forced(fwd_pair="packed", cell="torch"):     # packed: float32 only
+    for _ in range(2):
         _run(leaves, noise)
-        assert recurrence.last_kernels["fwd"] == kernels.OPS["fwd_pair"][1]
-    monkeypatch.setenv(kernels.ENV, "*=default")
-    kernels.clear()
-    _run(leaves, noise)
-    assert kernels.tunings == before
-    assert recurrence.last_kernels["fwd"] == "bmm"     # first available for float64
-    monkeypatch.setenv(kernels.ENV, "cell")
-    kernels.clear()
-    with pytest.raises(ValueError, match="LM_LSTM_KERNELS"):
-        _run(leaves, noise)
-    with pytest.raises(ValueError, match="unknown kernel operation"):
-        kernels.force(celll="torch")
+        assert recurrence.last_kernels == {"products": products.kernel_name(cpu, torch.float32),
+                                           "cell": CELLS[-1]}
 
 
 @pytest.mark.parametrize("kw", [dict(weight_noise=1.0, flipout=True),
                                 dict(zoneout_cell=0.3, hidden_dropout=0.2)])
-def test_tuning_draws_nothing_from_the_global_rng(kw, monkeypatch):
-    """Timing the candidates (first call with a new shape) must not move the global RNG, or
-    an exactly resumed run would draw different noise than an uninterrupted one."""
-    monkeypatch.delenv(kernels.ENV, raising=False)
+def test_kernel_probes_draw_nothing_from_the_global_rng(kw):
+    """Probing oneDNN and checking the compiled cell (first use) must not move the global RNG,
+    or an exactly resumed run would draw different noise than an uninterrupted one."""
     torch.manual_seed(0)
     lstm = LSTM(6, 24, **kw)
     x = torch.randn(5, 4, 6)
     noise = lstm.sample_noise(4, seq_len=5)
-    recurrence._packed_ok = recurrence._onednn_ok = None
-    before_tunings = kernels.tunings
+    products._onednn_ok.clear()
     state = torch.get_rng_state()
     lstm(x, noise=noise)[0].sum().backward()
-    assert kernels.tunings > before_tunings              # it did time candidates
     assert torch.equal(torch.get_rng_state(), state)
 
 
-@pytest.mark.skipif(fused_cell.library() is None, reason="no C compiler: fused cell not built")
-def test_fused_cell_is_cached_on_disk():
-    """The compiled cell lives in the cache folder, and asking again reuses the file."""
-    lib = fused_cell._build(fused_cell._compiler())
-    assert lib.parent == fused_cell.cache_dir() and lib.is_file()
-    stamp = lib.stat().st_mtime_ns
-    assert fused_cell._build(fused_cell._compiler()) == lib
-    assert lib.stat().st_mtime_ns == stamp                       # not rebuilt
-
-
-def test_fused_cell_falls_back_without_compiler(monkeypatch, tmp_path):
-    """No compiler: the library is None, the cell candidate is the torch one, results hold."""
+def test_fused_cell_falls_back_without_a_build(monkeypatch):
+    """The build fails (no compiler, say): the module is None, the cell is the torch one, and
+    the results hold."""
     monkeypatch.setattr(fused_cell, "_tried", False)
     monkeypatch.setattr(fused_cell, "_lib", None)
-    monkeypatch.setenv("LM_KERNEL_CACHE", str(tmp_path))
-    monkeypatch.setenv("CC", str(tmp_path / "no-such-cc"))
+    monkeypatch.setattr(fused_cell, "build_error", None)
+
+    def no_compiler():
+        raise RuntimeError("no C++ compiler")
+    monkeypatch.setattr(fused_cell, "_build", no_compiler)
     assert fused_cell.library() is None
-    assert fused_cell.build_error
+    assert "no C++ compiler" in fused_cell.build_error
     leaves, noise = _inputs(DT, "gal", torch.Generator().manual_seed(5))
     _run(leaves, noise)
     assert recurrence.last_kernels["cell"] == "torch"
+
+
+def test_fused_cell_switched_off_by_env(monkeypatch):
+    monkeypatch.setattr(fused_cell, "_tried", False)
+    monkeypatch.setattr(fused_cell, "_lib", None)
+    monkeypatch.setenv("LM_FUSED_CELL", "0")
+    assert fused_cell.library() is None and "LM_FUSED_CELL=0" in fused_cell.build_error
+
+
+@pytest.mark.skipif("fused" not in CELLS, reason="compiled cell unavailable")
+def test_fused_cell_every_option_against_torch_ops():
+    """Each compiled instance (the options are template constants) against TorchCell on one
+    step, float64: forward, backward and post, with and without each optional operand."""
+    gen = torch.Generator().manual_seed(7)
+    Bc, Hc = 3, 5
+    G = 4 * Hc
+    g = lambda *s: torch.randn(*s, generator=gen, dtype=DT)  # noqa: E731
+    xp, p0, p1, r = g(Bc, G), g(Bc, G), g(Bc, G), torch.sign(g(Bc, G))
+    c0, h0, cm, m, ms = g(Bc, Hc), g(Bc, Hc), g(Bc, Hc), g(Bc, Hc), g(Bc, Hc)
+    zc, zh = g(Bc, Hc).sigmoid(), g(Bc, Hc).sigmoid()
+    cells = (fused_cell.FusedCell(), recurrence.TorchCell(xp, Bc, Hc))
+    for flip, grad, noise, hm, hs in itertools.product([0, 1], repeat=5):
+        outs = []
+        for cell in cells:
+            acts, k, dg, dgr = (torch.zeros(Bc, G, dtype=DT) for _ in range(4))
+            c1, h1, kc, hn, hsn, dcp, dhp = (torch.zeros(Bc, Hc, dtype=DT) for _ in range(7))
+            cell.fwd(Bc, Hc, xp, p0, p1 if flip else None, r if flip else None, acts, c0, h0,
+                     cm if noise else None, zc if noise else None, zh if noise else None, c1, h1,
+                     k if grad else None, kc if grad else None, m if hm else None,
+                     hn if hm else None, ms if hs else None, hsn if hs else None)
+            if grad:
+                cell.bwd(Bc, Hc, h1, c1, k, kc, acts, zc if noise else None, dg,
+                         r if flip else None, dgr if flip else None, dcp)
+                cell.post(Bc * Hc, acts[:, :Hc].contiguous(), m if hm else None,
+                          acts[:, Hc:2 * Hc].contiguous() if flip else None, ms,
+                          zh if noise else None, h1, h0 if hs else None, dhp)
+            outs.append([acts, c1, h1, k, kc, hn, hsn, dg, dgr, dcp, dhp])
+        for a, b in zip(*outs):
+            torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-13,
+                                       msg=f"flip={flip} grad={grad} noise={noise} hm={hm} hs={hs}")

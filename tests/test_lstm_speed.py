@@ -20,7 +20,7 @@ def test_benchmark_quick_prints_table():
     assert first.startswith("CPU: ") and "ISA: " in first
     assert re.search(r"torch \S+, \d+ threads?;", first)
     assert "| oneDNN (torch fused) |" in out                  # no-noise row: torch's kernel
-    assert "cell=" in out and "fwd=" in out                    # custom rows: the chosen kernels
+    assert "cell=" in out and "products=" in out               # custom rows: their kernels
     for name in ("WD shared", "Gauss shared", "WD+flipout", "Gauss+flipout", "Gal", "zoneout",
                  "Semeniuta", "eval forward", "independent per-example W",
                  "flipout products only (GEMM floor)"):

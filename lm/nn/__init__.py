@@ -2,9 +2,10 @@
 
 ``LSTM`` (lstm.py) is ``torch.nn.LSTM`` plus noise; ``LSTMNoise`` / ``LayerNoise``
 (noise.py) hold the random draws of one call; ``LSTMRecurrence`` (recurrence.py) is the
-custom recurrence with its hand-written backward, whose per-step kernels are chosen by
-timing (kernels.py) among torch ops, MKL packed and oneDNN products and a compiled cell
-(fused_cell.py), with its large buffers kept between calls (workspace.py).
+custom recurrence with its hand-written backward. Its matrix products follow one fixed rule
+per device and dtype (products.py: oneDNN on the CPU, ``mm`` elsewhere), its pointwise cell
+is compiled where it builds (fused_cell.py, else torch ops), and its large buffers are kept
+between calls (workspace.py).
 """
 from .lstm import LSTM, LSTMArgumentError
 from .noise import LayerNoise, LSTMNoise

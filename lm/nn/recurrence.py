@@ -32,28 +32,32 @@ Every factor of the δa_t lines that does not depend on the incoming gradient is
 the forward step (``k``, ``k_c``), so the backward loop itself is the recurrent product(s)
 and a handful of elementwise ops per step.
 
-Kernels. A step is three stages, each with candidates that give the same numbers and are
-chosen by timing them where they run (:mod:`lm.nn.kernels`, once per device, dtype, shape,
-variant and thread count):
+Kernels, one fixed choice per device and dtype (nothing is timed, so the numbers of a run
+never depend on which candidate won a race):
 
-* the forward product(s) ``p0 = h̃ W̄ᵀ`` (and ``p1 = (h̃∘s) ΔŴᵀ``): MKL packed weights,
-  oneDNN's matmul primitive on a weight reordered once per call, plain ``mm``, or for the
-  flipout pair one batched ``bmm``;
+* the per-step products ``p0 = h̃ W̄ᵀ`` (and ``p1 = (h̃∘s) ΔŴᵀ``) and the backward ones
+  ``δa W̄`` (and ``(δa∘r) ΔŴ``): :mod:`lm.nn.products`, oneDNN's matmul primitive on a
+  weight reordered once per call on the CPU (float32), ``mm`` / one batched ``bmm`` for the
+  flipout pair elsewhere;
 * the pointwise cell, forward (``a = xproj_t + p0 + p1∘r`` through ``h_t``, ``k_t``, and
   the next step's product inputs) and backward (``δĉ``, ``δa_t``, ``δc_{t-1}``, then
-  ``δh_{t-1}`` from the backward products): torch ops (:class:`TorchCell`) or one compiled
-  loop per stage (:class:`lm.nn.fused_cell.FusedCell`);
-* the backward product(s) ``δa W̄`` (and ``(δa∘r) ΔŴ``): ``mm``, ``bmm``, packed or
-  oneDNN ``W̄ᵀ``.
+  ``δh_{t-1}`` from the backward products): one compiled loop per stage
+  (:class:`lm.nn.fused_cell.FusedCell`) on the CPU where it builds, torch ops
+  (:class:`TorchCell`) elsewhere. Both give the same numbers up to rounding. The compiled
+  cell measured 6-8% of a Gal or zoneout training step faster than the torch ops at the
+  character and word shapes (AVX-512 EPYC, 1 thread).
 
-At the character shape (batch 32, 1000 → 4000) oneDNN's matmul ran the forward product
-about 1.6x faster than MKL's ``mm`` on an AVX2 EPYC: the same kernel family that makes
-``torch.nn.LSTM``'s fused oneDNN cell fast, and flipout does twice its products.
+Mixed precision (``dtype``, set by the layer under autocast): the products above and the
+weight gradients take operands cast to ``dtype`` and return it; the cells widen them as they
+read, so ``c_t``, ``h_t``, the gate math, ``k``, ``δa``, ``δh``, ``δc`` and ``δW̄ + e∘δΔŴ``
+are all computed and kept in the state dtype (float32).
 
 Memory. The buffers over all steps (gates, backward factors, product inputs, ``δa``) and
 the per-call weight copies come from :mod:`lm.nn.workspace`, which keeps them between calls:
 on the CPU, freeing and re-allocating them made every call fault a few hundred MB of pages
-in again (at the char shape 93k faults a flipout call, 26k with the pool).
+in again (at the char shape 93k faults a flipout call, 26k with the pool). Measured with
+``LM_LSTM_WORKSPACE=0`` against the pool on an AVX-512 EPYC (1 thread, 10 paired runs), the
+pool saves 5-16% of a training step at the character and word shapes.
 """
 from __future__ import annotations
 
@@ -62,129 +66,11 @@ from typing import Dict, List, Optional
 import torch
 from torch import Tensor
 
-from . import fused_cell, kernels, workspace
+from . import fused_cell, products, workspace
 
-_packed_ok: Optional[bool] = None
-_onednn_ok: Optional[bool] = None
-
-# The kernels of the latest forward call, {"cell": ..., "fwd": ..., "bwd": ...}: what a
-# benchmark prints next to its numbers.
+# The kernels of the latest forward call, {"products": ..., "cell": ...}: what a benchmark
+# prints next to its numbers.
 last_kernels: Dict[str, str] = {}
-
-
-def _runs_here(linear) -> bool:
-    """Whether a weight-preparing product class (``linear(w, batch)(h) = h wᵀ``, built on a
-    private op) runs and agrees with ``mm``: probed on fixed values, not ``randn``, so the
-    probe does not consume the global RNG."""
-    try:
-        w = torch.linspace(-1.0, 1.0, 32).reshape(8, 4)
-        h = torch.linspace(0.5, -0.5, 12).reshape(3, 4)
-        return bool(torch.allclose(linear(w, 3)(h), h @ w.t(), atol=1e-5))
-    except Exception:  # noqa: BLE001 - op missing from this build, or changed: fall back
-        return False
-
-
-def _packed_available(x: Tensor) -> bool:
-    """Whether MKL's packed-weight product ``torch.ops.mkl._mkl_linear`` runs here: float32
-    on CPU in MKL builds, probed once. Whether it is *faster* is measured per shape by
-    :mod:`lm.nn.kernels`."""
-    global _packed_ok
-    if x.device.type != "cpu" or x.dtype != torch.float32:
-        return False
-    if _packed_ok is None:
-        _packed_ok = _runs_here(_PackedLinear)
-    return _packed_ok
-
-
-def _onednn_available(x: Tensor) -> bool:
-    """Whether oneDNN's matmul primitive (``torch.ops.mkldnn._linear_pointwise`` on a weight
-    from ``_reorder_linear_weight``, the ops torch's own CPU compiler emits for ``linear``)
-    runs here: float32 on CPU with oneDNN, probed once."""
-    global _onednn_ok
-    if x.device.type != "cpu" or x.dtype != torch.float32:
-        return False
-    if _onednn_ok is None:
-        _onednn_ok = _runs_here(_OneDNNLinear)
-    return _onednn_ok
-
-
-def _contiguous(w: Tensor) -> Tensor:
-    """``w`` itself if contiguous, else a contiguous copy in a pooled buffer (for ``W̄ᵀ``)."""
-    return w if w.is_contiguous() else workspace.empty(w.shape, w).copy_(w)
-
-
-class _OneDNNLinear:
-    """``h ↦ h Wᵀ`` by oneDNN's matmul, ``W`` reordered once for batch ``B`` (like packing,
-    a copy of ``W`` per call of the recurrence)."""
-
-    def __init__(self, w: Tensor, batch: int):
-        self.w = torch.ops.mkldnn._reorder_linear_weight(_contiguous(w), batch)
-
-    def __call__(self, h: Tensor, out: Optional[Tensor] = None) -> Tensor:
-        return torch.ops.mkldnn._linear_pointwise(h, self.w, None, "none", [], "")
-
-
-class _PackedLinear:
-    """``h ↦ h Wᵀ`` with ``W`` packed once for batch ``B`` (packing costs ~2 steps)."""
-
-    def __init__(self, w: Tensor, batch: int):
-        self.w = _contiguous(w)
-        self.batch = batch
-        self.packed = torch.ops.mkl._mkl_reorder_linear_weight(self.w, batch)
-
-    def __call__(self, h: Tensor, out: Optional[Tensor] = None) -> Tensor:
-        return torch.ops.mkl._mkl_linear(h, self.packed, self.w, None, self.batch)
-
-
-class _Linear:
-    """``h ↦ h Wᵀ`` with plain ``mm`` against a contiguous ``Wᵀ`` (faster than a transposed
-    view), into ``out``."""
-
-    def __init__(self, w: Tensor, batch: int):
-        self.wt = _contiguous(w.t())
-
-    def __call__(self, h: Tensor, out: Optional[Tensor] = None) -> Tensor:
-        return torch.mm(h, self.wt, out=out)
-
-
-_LINEARS = {"packed": _PackedLinear, "onednn": _OneDNNLinear}  # weight prepared per call
-
-
-class _Product:
-    """One per-step product ``x ↦ x Mᵀ`` (``M`` (N, K)) by the chosen kernel."""
-
-    def __init__(self, kind: str, m: Tensor, batch: int):
-        self.fn = _LINEARS.get(kind, _Linear)(m, batch)
-        self.out = None if kind in _LINEARS else m.new_empty(batch, m.size(0))
-
-    def __call__(self, x: Tensor) -> Tensor:
-        return self.fn(x, self.out)
-
-
-class _Pair:
-    """Two per-step products ``(x0 M0ᵀ, x1 M1ᵀ)`` from a stacked ``x`` (2, B, K) and
-    ``m = (M0, M1)``, each (N, K) (a (2, N, K) tensor also does): two packed or oneDNN
-    products, one batched ``bmm``, or two plain ``mm``."""
-
-    def __init__(self, kind: str, m, batch: int):
-        self.kind = kind
-        if kind in _LINEARS:
-            lin = _LINEARS[kind]
-            self.lins = (lin(m[0], batch), lin(m[1], batch))
-        else:
-            N, K = m[0].shape                                   # one copy, (2, K, N)
-            self.mt = torch.stack([m[0].t(), m[1].t()], out=workspace.empty((2, K, N), m[0]))
-            self.out = m[0].new_empty(2, batch, N)
-
-    def __call__(self, x: Tensor):
-        if self.kind in _LINEARS:
-            return self.lins[0](x[0]), self.lins[1](x[1])
-        if self.kind == "bmm":
-            torch.bmm(x, self.mt, out=self.out)
-        else:
-            torch.mm(x[0], self.mt[0], out=self.out[0])
-            torch.mm(x[1], self.mt[1], out=self.out[1])
-        return self.out[0], self.out[1]
 
 
 class TorchCell:
@@ -263,102 +149,12 @@ class TorchCell:
             dh_prev.add_(dout)
 
 
-# ---------------------------------------------------------------------- kernel choice
-def _gen_like(like: Tensor, *shape: int, gen: torch.Generator, scale: float = 1.0) -> Tensor:
-    """Synthetic timing input from a private generator (the global RNG stays untouched)."""
-    x = torch.randn(*shape, generator=gen, dtype=like.dtype, device="cpu") * scale
-    return x.to(like.device)
-
-
-def _device_key(x: Tensor) -> tuple:
-    return (x.device.type, x.device.index, str(x.dtype).replace("torch.", ""))
-
-
-def _choose_products(like: Tensor, B: int, H: int, flip: bool, need_grad: bool) -> Dict[str, str]:
-    """The product kernels for this call: ``{"fwd": ..., "bwd": ...}``."""
-    G = 4 * H
-    unavailable = set()
-    if not (_packed_available(like) and B > 1):
-        unavailable.add("packed")
-    if not _onednn_available(like):
-        unavailable.add("onednn")
-    key = _device_key(like) + (B, H)
-
-    def candidates(op):
-        return [n for n in kernels.OPS[op] if n not in unavailable]
-
-    single, pair = candidates("fwd_product"), candidates("fwd_pair")
-
-    def runners(kinds, op_pair: bool, transpose: bool):
-        def make():
-            gen = torch.Generator().manual_seed(0)
-            shape = (G, H) if not transpose else (H, G)
-            m = _gen_like(like, *(((2,) if op_pair else ()) + shape), gen=gen, scale=0.03)
-            x = _gen_like(like, *(((2,) if op_pair else ()) + (B, shape[1])), gen=gen)
-            cls = _Pair if op_pair else _Product
-            return {kind: (lambda p=cls(kind, m, B): p(x)) for kind in kinds}
-        return make
-
-    out = {}
-    if flip:
-        out["fwd"] = kernels.choose("fwd_pair", key, pair, runners(pair, True, False))
-        if need_grad:
-            bp = candidates("bwd_pair")
-            out["bwd"] = kernels.choose("bwd_pair", key, bp, runners(bp, True, True))
-    else:
-        out["fwd"] = kernels.choose("fwd_product", key, single, runners(single, False, False))
-        if need_grad:
-            bs = candidates("bwd_product")
-            out["bwd"] = kernels.choose("bwd_product", key, bs, runners(bs, False, True))
-    return out
-
-
-def _choose_cell(like: Tensor, B: int, H: int, opts: tuple):
-    """The pointwise cell for this call: a :class:`FusedCell` or a :class:`TorchCell`.
-
-    ``opts`` = (flip, gal, zc, zh, cm, need_grad) as booleans: the variant, part of the key.
-    """
-    avail = [n for n in kernels.OPS["cell"] if n != "fused" or fused_cell.supports(like)]
-
-    def make():
-        gen = torch.Generator().manual_seed(0)
-        flip, gal, has_zc, has_zh, has_cm, need_grad = opts
-        G = 4 * H
-        g = lambda *s, scale=1.0: _gen_like(like, *s, gen=gen, scale=scale)  # noqa: E731
-        xp, p0, p1 = g(B, G), g(B, G), g(B, G)
-        r = torch.sign(g(B, G))
-        c0, h0, mask = g(B, H), g(B, H), (g(B, H) > 0).to(like.dtype) * 2
-        zc = (g(B, H) > 0).to(like.dtype) if has_zc else None
-        zh = (g(B, H) > 1).to(like.dtype) if has_zh else None
-        cm = mask if has_cm else None
-        m = mask if gal else None
-        acts, k = like.new_empty(B, G), like.new_empty(B, G)
-        dg, dgr = like.new_empty(B, G), like.new_empty(B, G)
-        c1, h1, kc, hn, hs, dc_prev, dh_prev = (like.new_empty(B, H) for _ in range(7))
-        # Without Gal's mask the fused forward writes h_t straight into the next product
-        # input; flipout also forms h_t∘s there.
-        hm_next = hn if gal else None
-        hs_next = hs if flip else None
-        ms = mask if flip else None
-
-        def run(cell):
-            cell.fwd(B, H, xp, p0, p1 if flip else None, r if flip else None, acts, c0, h0, cm,
-                     zc, zh, c1, h1, k if need_grad else None, kc if need_grad else None, m,
-                     hm_next, ms, hs_next)
-            if need_grad:
-                cell.bwd(B, H, h1, c1, k, kc, acts, zc, dg, r if flip else None,
-                         dgr if flip else None, dc_prev)
-                cell.post(B * H, acts[:, :H], m, acts[:, H:2 * H] if flip else None, ms, zh,
-                          h1, h0, dh_prev)
-        return {"fused": (lambda c=fused_cell.FusedCell(like.dtype): run(c)) if "fused" in avail
-                else None, "torch": (lambda c=TorchCell(like, B, H): run(c))}
-
-    def make_avail():
-        return {n: f for n, f in make().items() if n in avail}
-
-    name = kernels.choose("cell", _device_key(like) + (B, H) + tuple(map(bool, opts)), avail,
-                          make_avail)
-    return fused_cell.FusedCell(like.dtype) if name == "fused" else TorchCell(like, B, H), name
+def _cell(like: Tensor, B: int, H: int, products_dtype: torch.dtype):
+    """The pointwise cell: the compiled one where it runs (CPU float32/float64 state, the
+    products in that dtype or bfloat16), else torch ops; with its name."""
+    if fused_cell.supports(like, products_dtype):
+        return fused_cell.FusedCell(), "fused"
+    return TorchCell(like, B, H), "torch"
 
 
 def _tiles(x: Optional[Tensor], T: int) -> List[Optional[Tensor]]:
@@ -380,7 +176,7 @@ def _tiles(x: Optional[Tensor], T: int) -> List[Optional[Tensor]]:
 
 class LSTMRecurrence(torch.autograd.Function):
     """``(out, h_n, c_n) = LSTMRecurrence.apply(xproj, h0, c0, w, e, r, s, m, zc, zh, cm,
-    need_grad)``; call it through :func:`lstm_recurrence`, which sets ``need_grad``.
+    need_grad, dtype)``; call it through :func:`lstm_recurrence`, which sets ``need_grad``.
 
     Shapes: ``xproj`` (T, B, 4H); ``h0``, ``c0`` (B, H); ``w`` (4H, H) the mean recurrent
     weight W̄ (already shared-perturbed if the caller wants that); ``e`` (4H, H) the flipout
@@ -391,13 +187,20 @@ class LSTMRecurrence(torch.autograd.Function):
     to ``xproj``, ``h0``, ``c0`` and ``w``, the last as ``δW̄ + e ∘ δΔŴ`` (ΔŴ depends on W̄);
     the noise tensors are constants.
     ``need_grad=False`` (no grad mode, nothing requires grad) skips the backward factors.
+
+    ``dtype`` (mixed precision; ``None``: ``xproj``'s dtype): the dtype of the matrix
+    products, forward, backward and weight gradients, whose operands are cast to it (the
+    weights once per call, ``h̃``/``δa`` per step). Everything else stays in the dtype of
+    ``xproj``, ``h0``, ``c0``, ``w`` (float32): the cell state and ``h``, the gate math,
+    the backward factors, the ``δh``/``δc`` recursions, the sum ``δW̄ + e∘δΔŴ``; each
+    product's result is widened as it is read.
     """
 
     @staticmethod
     def forward(ctx, xproj: Tensor, h0: Tensor, c0: Tensor, w: Tensor, e: Optional[Tensor],
                 r: Optional[Tensor], s: Optional[Tensor], m: Optional[Tensor],
                 zc: Optional[Tensor], zh: Optional[Tensor], cm: Optional[Tensor],
-                need_grad: bool = True):
+                need_grad: bool = True, dtype: Optional[torch.dtype] = None):
         T, B, G = xproj.shape
         H = G // 4
         xproj = xproj.contiguous()
@@ -409,11 +212,12 @@ class LSTMRecurrence(torch.autograd.Function):
         ms = ((s * m if m is not None else s).contiguous()) if flip else None
         new = xproj.new_empty
         big = lambda *shape: workspace.empty(shape, xproj)  # noqa: E731 - kept between calls
-        opts = (flip, m is not None, zc is not None, zh is not None, cm is not None, need_grad)
-        cell, cell_name = _choose_cell(xproj, B, H, opts)
-        prods = _choose_products(xproj, B, H, flip, need_grad)
+        pdt = xproj.dtype if dtype is None else dtype
+        cell, cell_name = _cell(xproj, B, H, pdt)
         last_kernels.clear()
-        last_kernels.update(cell=cell_name, **prods)
+        name = products.kernel_name(xproj.device, pdt)
+        last_kernels.update(products=name if pdt == xproj.dtype else f"{name} {pdt}".replace(
+            "torch.", ""), cell=cell_name)
         zc_t, zh_t, cm_t = _tiles(zc, T), _tiles(zh, T), _tiles(cm, T)
         acts = big(T, B, G)                              # i, f, g, o after the nonlinearity
         c_bufs = (new(B, H), new(B, H))                  # c_t, alternating
@@ -426,7 +230,7 @@ class LSTMRecurrence(torch.autograd.Function):
             # z[:, t] = (h̃_{t-1}, h̃_{t-1}∘s), the inputs of the two products, kept for δW.
             # Without Gal's mask h̃ = h, so the step writes h_t straight into z[0, t+1].
             w_delta = torch.mul(w, e, out=big(*w.shape))  # ΔŴ, also for the backward
-            prod = _Pair(prods["fwd"], (w, w_delta), B)
+            prod = products.Pair((w, w_delta), B, pdt)
             z = big(2, T + 1, B, H)
             torch.mul(h0, m, out=z[0, 0]) if m is not None else z[0, 0].copy_(h0)
             torch.mul(h0, ms, out=z[1, 0])
@@ -434,7 +238,7 @@ class LSTMRecurrence(torch.autograd.Function):
             hm = None
         else:
             w_delta = z = None
-            prod = _Product(prods["fwd"], w, B)
+            prod = products.Linear(w, B, pdt)
             out = big(T, B, H)
             # h̃_t = h_t∘m under Gal's mask, the product input (kept for δW̄ when training).
             hm = big(T + 1, B, H) if m is not None else None
@@ -460,31 +264,37 @@ class LSTMRecurrence(torch.autograd.Function):
             hm_in = hm[:T] if hm is not None else None
             ctx.save_for_backward(acts, k, k_c, out, h0, w, w_delta, e, r, ms, m, zc, zh, hm_in,
                                   zin)
-            ctx.kernels = (cell_name, prods.get("bwd"))
+            ctx.cell, ctx.pdt = cell_name, pdt
         if flip and m is None:
             out = big(T, B, H).copy_(out)        # a view of z: hand back a tensor of its own
         return out, out[T - 1].clone(), c.clone()
 
     @staticmethod
     def backward(ctx, d_out: Tensor, d_hn: Tensor, d_cn: Tensor):
+        # Explicit dtypes throughout: an autocast region around .backward() must not recast.
+        with torch.autocast(d_out.device.type, enabled=False):
+            return LSTMRecurrence._backward(ctx, d_out, d_hn, d_cn)
+
+    @staticmethod
+    def _backward(ctx, d_out: Tensor, d_hn: Tensor, d_cn: Tensor):
         (acts, k, k_c, out, h0, w, w_delta, e, r, ms, m, zc, zh, hm, zin) = ctx.saved_tensors
-        cell_name, bwd_kind = ctx.kernels
+        pdt = ctx.pdt
         T, B, G = acts.shape
         H = G // 4
         flip = w_delta is not None
         d_out = d_out.contiguous()
-        cell = fused_cell.FusedCell(acts.dtype) if cell_name == "fused" else TorchCell(acts, B, H)
+        cell = fused_cell.FusedCell() if ctx.cell == "fused" else TorchCell(acts, B, H)
         zc_t, zh_t = _tiles(zc, T), _tiles(zh, T)
 
         if flip:
             # (δa_t, δa_t∘r) stacked like the forward's (h̃, h̃∘s), for the products and δW.
             d2 = workspace.empty((2, T, B, G), acts)
             d_gates = d2[0]
-            prod = _Pair(bwd_kind, (w.t(), w_delta.t()), B)
+            prod = products.Pair((w.t(), w_delta.t()), B, pdt)
         else:
             d2 = None
             d_gates = workspace.empty((T, B, G), acts)
-            prod = _Product(bwd_kind, w.t(), B)
+            prod = products.Linear(w.t(), B, pdt)
         dh = d_hn + d_out[T - 1]
         dc = d_cn.contiguous().clone()
         dh_prev = acts.new_empty(B, H)
@@ -504,22 +314,25 @@ class LSTMRecurrence(torch.autograd.Function):
         d_w = None
         if flip:
             if ctx.needs_input_grad[3]:
-                # δW̄ and δΔŴ over all steps: one batched product after the loop; then
+                # δW̄ and δΔŴ over all steps: one product each after the loop; then
                 # ΔŴ = W̄∘e gives δW = δW̄ + e∘δΔŴ.
-                dw2 = torch.bmm(d2.view(2, T * B, G).transpose(1, 2), zin.reshape(2, T * B, H))
-                d_w = dw2[0].addcmul_(dw2[1], e)
+                dw0, dw1 = products.tmm_pair(d2.view(2, T * B, G), zin.reshape(2, T * B, H), pdt)
+                d_w = dw0.to(w.dtype).addcmul_(dw1, e)
         elif ctx.needs_input_grad[3]:
             if hm is None:
                 hm = torch.cat([h0.unsqueeze(0), out[:-1]], 0)
-            d_w = d_gates.view(T * B, G).t().mm(hm.reshape(T * B, H))
-        return d_gates, dh, dc, d_w, None, None, None, None, None, None, None, None
+            d_w = products.tmm(d_gates.view(T * B, G), hm.reshape(T * B, H), pdt).to(w.dtype)
+        return d_gates, dh, dc, d_w, None, None, None, None, None, None, None, None, None
 
 
 def lstm_recurrence(xproj: Tensor, h0: Tensor, c0: Tensor, w: Tensor, e: Optional[Tensor] = None,
                     r: Optional[Tensor] = None, s: Optional[Tensor] = None,
                     m: Optional[Tensor] = None, zc: Optional[Tensor] = None,
-                    zh: Optional[Tensor] = None, cm: Optional[Tensor] = None):
-    """Run :class:`LSTMRecurrence`; returns ``out`` (T, B, H), ``h_n``, ``c_n`` (B, H)."""
+                    zh: Optional[Tensor] = None, cm: Optional[Tensor] = None,
+                    dtype: Optional[torch.dtype] = None):
+    """Run :class:`LSTMRecurrence` (products in ``dtype``, default ``xproj``'s; autocast
+    plays no part inside); returns ``out`` (T, B, H), ``h_n``, ``c_n`` (B, H)."""
     need_grad = torch.is_grad_enabled() and any(
         t.requires_grad for t in (xproj, h0, c0, w))
-    return LSTMRecurrence.apply(xproj, h0, c0, w, e, r, s, m, zc, zh, cm, need_grad)
+    with torch.autocast(xproj.device.type, enabled=False):
+        return LSTMRecurrence.apply(xproj, h0, c0, w, e, r, s, m, zc, zh, cm, need_grad, dtype)

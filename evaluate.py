@@ -25,7 +25,7 @@ import sys
 
 import torch
 
-from lm import scores
+from lm import precision, scores
 from lm.config import resolve_device
 from lm.data import open_corpus
 from lm.errors import DataError, UserError, with_option
@@ -45,6 +45,8 @@ def parse_args(argv):
                    help="folder with ptb.*.txt (default: the recipe's data.root, $LM_DATA_ROOT, data/ptb)")
     p.add_argument("--device", default="auto",
                    help="auto (CUDA when present, else the CPU, as in training), cpu, cuda or cuda:N")
+    p.add_argument("--precision", choices=("fp32", "bf16", "fp16", "auto"), default=None,
+                   help="autocast while scoring (default: the precision the run trained in)")
     p.add_argument("--json", action="store_true", help="print one JSON object")
     p.add_argument("--warmup", type=int, default=None, metavar="W",
                    help="tokens each column reads unscored before its start (default: the recipe's "
@@ -117,15 +119,21 @@ def run(args) -> dict:
     scoring = dict(batch_size=batch_size, bptt=args.bptt or cfg.data.eval_bptt or cfg.data.bptt,
                    bos_id=vocab.eos_id, device=device, warmup=warmup,
                    reset_every=args.reset_every or 0, progress=not args.no_progress)
-    result = evaluate(model, corpus.split(args.split), **scoring)
+    # The run's own precision unless --precision overrides it (refused where it cannot run).
+    where = "--precision" if args.precision else "the run's train.precision (override with --precision)"
+    amp = precision.resolve(args.precision or cfg.train.precision, device, where=where)
+    with precision.autocast(amp, device):
+        result = evaluate(model, corpus.split(args.split), **scoring)
     out = {"checkpoint": args.checkpoint, "split": args.split, "level": corpus.level,
+           "precision": amp,
            "batch_size": batch_size, "warmup": 0 if args.reset_every else warmup,
            "reset_every": args.reset_every or 0,
            "tokens": result["tokens"], "loss": result["loss"], **figures(result["loss"], corpus.level),
            **raw_bpc(result["loss"], result["tokens"], corpus.chars.get(args.split))}
     if args.mc_samples:
         torch.manual_seed(args.seed)  # the noise draws: the same figure on every call
-        mc = evaluate_mc(model, corpus.split(args.split), samples=args.mc_samples, **scoring)
+        with precision.autocast(amp, device):
+            mc = evaluate_mc(model, corpus.split(args.split), samples=args.mc_samples, **scoring)
         mc_figures = {**figures(mc["loss"], corpus.level),
                       **raw_bpc(mc["loss"], mc["tokens"], corpus.chars.get(args.split))}
         out.update({"mc_samples": args.mc_samples, "mc_seed": args.seed, "mc_loss": mc["loss"],

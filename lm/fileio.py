@@ -1,6 +1,7 @@
 """Durable file writes shared by checkpoints, the vocabulary and the corpus download."""
 from __future__ import annotations
 
+import contextlib
 import os
 import secrets
 from pathlib import Path
@@ -40,18 +41,19 @@ def _create_temporary(path: Path) -> tuple[int, str]:
     raise FileExistsError(f"no free temporary name beside {path}")
 
 
-def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
-    """Write ``data`` to ``path`` so that readers see the old file or the new one, whole.
-
-    The bytes go to a temporary file in the same folder, which is flushed, fsync'ed and then
-    renamed over ``path`` (``os.replace`` is atomic within a filesystem). On any failure the
-    temporary file is removed and the previous ``path`` is untouched.
-    """
+@contextlib.contextmanager
+def atomic_writer(path: str | os.PathLike):
+    """A binary file to write ``path`` through, so that readers see the old file or the new
+    one, whole: the bytes go to a temporary file in the same folder (with the permissions
+    the umask gives), which is flushed, fsync'ed and renamed over ``path`` when the block
+    ends (``os.replace`` is atomic within a filesystem). On any failure the temporary file
+    is removed and the previous ``path`` is untouched. For data written in pieces (an
+    encoded corpus); :func:`atomic_write_bytes` for data in hand."""
     path = Path(path)
     fd, tmp = _create_temporary(path)
     try:
         with os.fdopen(fd, "wb") as fh:
-            fh.write(data)
+            yield fh
             fh.flush()
             os.fsync(fh.fileno())
         os.replace(tmp, path)
@@ -59,3 +61,9 @@ def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
         Path(tmp).unlink(missing_ok=True)
         raise
     fsync_dir(path.parent)
+
+
+def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
+    """Write ``data`` to ``path`` atomically (:func:`atomic_writer`)."""
+    with atomic_writer(path) as fh:
+        fh.write(data)

@@ -322,3 +322,20 @@ def test_checkpoints_written_with_data_tokenizer_still_load(tokenizer, level):
     if tokenizer == "sentencepiece":
         raw["data"]["vocab_size"] = 100
     assert config_from_dict(raw).data.level == level
+
+
+def test_cache_files_honour_the_umask(corpus_files, tmp_path):
+    """The encoded splits and the tokenizer are written like run files: the umask decides who
+    may read them (a shared cache on a shared machine), not a fixed 0600."""
+    import os
+    import stat
+
+    old = os.umask(0o022)
+    try:
+        open_corpus(data_config(text_overrides(corpus_files, tmp_path / "cache", **{"data.level": "word"})))
+    finally:
+        os.umask(old)
+    written = [p for p in (tmp_path / "cache").rglob("*") if p.is_file()]
+    assert written and all(stat.S_IMODE(p.stat().st_mode) == 0o644 for p in written), \
+        {p.name: oct(stat.S_IMODE(p.stat().st_mode)) for p in written}
+    assert not [p for p in written if p.name.endswith(".tmp")]

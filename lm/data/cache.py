@@ -22,14 +22,13 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import tempfile
 from itertools import islice
 from pathlib import Path
 
 import numpy as np
 
 from lm.errors import DataError
-from lm.fileio import atomic_write_bytes
+from lm.fileio import atomic_write_bytes, atomic_writer
 
 from .sources import SplitText
 from .tokenizers import Tokenizer, make_tokenizer
@@ -121,9 +120,8 @@ class Cache:
     @staticmethod
     def _encode(tokenizer: Tokenizer, text: SplitText, bin_path: Path, info_path: Path) -> dict:
         tokens = lines = chars = 0
-        fd, tmp = tempfile.mkstemp(dir=bin_path.parent, prefix=f".{bin_path.name}.", suffix=".tmp")
         try:
-            with os.fdopen(fd, "wb") as fh:
+            with atomic_writer(bin_path) as fh:
                 stream = iter(text.lines())
                 while chunk := list(islice(stream, CHUNK_LINES)):
                     ids = tokenizer.encode_lines(chunk)
@@ -131,14 +129,9 @@ class Cache:
                     tokens += len(ids)
                     lines += len(chunk)
                     chars += sum(map(len, chunk)) + len(chunk)
-                fh.flush()
-                os.fsync(fh.fileno())
-            os.replace(tmp, bin_path)
         except OSError as exc:
             raise DataError(f"cannot write to the cache folder {bin_path.parent} ({exc.strerror or exc}); "
                             f"set data.cache_dir or {ENV_VAR} to a writable folder") from None
-        finally:
-            Path(tmp).unlink(missing_ok=True)
         info = {"format": FORMAT, "tokens": tokens, "lines": lines, "chars": chars,
                 "text": text.description, "tokenizer": tokenizer.kind}
         atomic_write_bytes(info_path, json.dumps(info).encode())

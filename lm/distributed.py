@@ -32,7 +32,6 @@ What is split and what is shared:
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import os
 from dataclasses import dataclass
 from datetime import timedelta
@@ -41,6 +40,7 @@ import torch
 import torch.distributed as dist
 
 from lm.errors import ConfigError
+from lm.seeds import derived_seed
 
 
 @dataclass(frozen=True)
@@ -130,8 +130,7 @@ def noise_seed(seed: int, rank: int, step: int = 0) -> int:
     nonzero only when a checkpoint is resumed by another number of processes than wrote it
     (its per-rank generator states do not fit), so the streams do not start over from step 0's.
     """
-    digest = hashlib.sha256(f"{int(seed)}:noise:{int(rank)}:{int(step)}".encode()).digest()
-    return int.from_bytes(digest[:8], "little") & ((1 << 63) - 1)
+    return derived_seed(int(seed), "noise", int(rank), int(step))
 
 
 def launcher(ctx: Context) -> str:

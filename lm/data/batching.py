@@ -34,7 +34,6 @@ warm-up that makes a large batch agree with batch size 1 (see its docstring).
 """
 from __future__ import annotations
 
-import hashlib
 import math
 from dataclasses import dataclass
 from typing import Iterator, Optional
@@ -42,6 +41,7 @@ from typing import Iterator, Optional
 import torch
 
 from lm.errors import ConfigError, DataError
+from lm.seeds import derived_seed
 
 VAR_BPTT_LONG_PROB = 0.95
 VAR_BPTT_STD = 5.0
@@ -96,9 +96,8 @@ def _check_positive(**values: int) -> None:
 
 def epoch_generator(seed: int, epoch: int) -> torch.Generator:
     """A fresh CPU generator seeded from ``(seed, epoch)`` (SHA-256 of ``"seed:epoch"``)."""
-    digest = hashlib.sha256(f"{int(seed)}:{int(epoch)}".encode()).digest()
     g = torch.Generator()
-    g.manual_seed(int.from_bytes(digest[:8], "little") & ((1 << 63) - 1))
+    g.manual_seed(derived_seed(int(seed), int(epoch)))
     return g
 
 

@@ -1,10 +1,14 @@
 """The trainer's overhead per step: ``train.py``'s loop against a bare loop, same everything.
 
     python benchmarks/train_step.py [--recipes recipes/char_ptb.yaml recipes/word_ptb.yaml]
-                                    [--steps 12] [--warmup 3] [--threads N] [--data-root DIR]
+                                    [--precision fp32 [bf16 ...]] [--steps 12] [--warmup 3]
+                                    [--threads N] [--data-root DIR]
 
-For each recipe (full size: its model, optimizer, batch and BPTT), two loops over the same
-batches in one process:
+For each recipe (full size: its model, optimizer, batch and BPTT; any recipe ``train.py``
+takes, the study scales such as ``recipes/ptb/word_wd_flipout.yaml`` or
+``recipes/ptb/pilots/char_512_2m.yaml`` included) and each ``--precision`` (``train.precision``:
+fp32, bf16 where the CPU computes bfloat16 natively), two loops over the same batches in one
+process, on the CPU (``train.device=cpu``):
 
 * **train.py**: ``train.main()`` itself with ``train.max_steps`` = warm-up + steps, run in
   process (no evaluation until the end, no checkpoints, no TensorBoard, no progress bar). A
@@ -13,11 +17,16 @@ batches in one process:
   forward, loss, backward, clipping, the non-finite check, the optimizer, the schedule,
   logging.
 * **bare**: the same model, optimizer and batches with nothing around them:
-  ``forward; loss; zero_grad; backward; clip; step``.
+  ``forward; loss; zero_grad; backward; clip; step``, the forward and the loss under
+  :func:`lm.precision.autocast` as in ``train.py``.
 
 The table gives the median step of each after the warm-up and the overhead
 ``train / bare - 1`` (target <= 5%), and the same from the fastest step of each, which on a
-shared, loaded machine is the steadier estimate of what the loop itself costs. The corpus is the real training split (full
+shared, loaded machine is the steadier estimate of what the loop itself costs, and each
+loop's tokens per second (the median over the timed steps of the step's target tokens over
+its time). With more than one precision, a second table gives ``train.py``'s tokens/s per
+precision and each one's speed relative to fp32 (``bf16/fp32`` > 1: bf16 is faster), all
+measured in this one process. The corpus is the real training split (full
 vocabulary) with the first lines of the validation and test splits, so the run's closing
 evaluation stays short; ``--data-root`` names the folder with the PTB files (default
 ``$LM_DATA_ROOT``, else ``../shared/data/ptb``).
@@ -38,7 +47,9 @@ from torch.optim.optimizer import register_optimizer_step_post_hook
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 import train as train_script  # noqa: E402
+from lm import precision as lm_precision  # noqa: E402
 from lm.config import load_config  # noqa: E402
+from lm.errors import ConfigError  # noqa: E402
 from lm.data import TrainStream, open_corpus  # noqa: E402
 from lm.model import LanguageModel, cross_entropy_sum, detach_state  # noqa: E402
 from lm.optim import build_optimizer  # noqa: E402
@@ -65,11 +76,12 @@ def small_eval_corpus(src: Path, dst: Path, eval_lines: int = 20) -> Path:
     return dst
 
 
-def overrides(root: Path, out_dir: Path, steps: int, threads: int | None) -> list[str]:
+def overrides(root: Path, out_dir: Path, steps: int, threads: int | None,
+              precision: str = "fp32") -> list[str]:
     o = {"data.root": root, "data.download": "false", "train.out_dir": out_dir,
          "train.run_name": "bench", "train.max_steps": steps, "train.eval_every": 0,
          "train.checkpoint_every": 0, "train.checkpoint_minutes": 0, "train.tensorboard": "false",
-         "train.progress": "false"}
+         "train.progress": "false", "train.device": "cpu", "train.precision": precision}
     if threads:
         o["train.threads"] = threads
     return [f"{k}={v}" for k, v in o.items()]
@@ -89,33 +101,45 @@ def time_trainer(recipe: str, ov: list[str]) -> list[float]:
     return [b - a for a, b in zip(stamps, stamps[1:])]
 
 
-def time_bare(recipe: str, ov: list[str], steps: int) -> list[float]:
-    """Seconds of each step of the bare loop over the trainer's model, optimizer, batches."""
+def time_bare(recipe: str, ov: list[str], steps: int) -> tuple[list[float], list[int]]:
+    """Seconds of each step of the bare loop over the trainer's model, optimizer, batches
+    (forward and loss under ``train.precision``'s autocast, as in ``train.py``), and each
+    batch's target tokens."""
     cfg = load_config(recipe, ov)
+    device = torch.device("cpu")
+    prec = lm_precision.resolve(cfg.train.precision, device)
     torch.manual_seed(cfg.train.seed)
     corpus = open_corpus(cfg.data)
     dc = cfg.data
-    stream = TrainStream(corpus.train, dc.batch_size, dc.bptt, variable_bptt=dc.variable_bptt,
+    train_data = corpus.train[:dc.train_tokens] if dc.train_tokens else corpus.train  # as train.py
+    stream = TrainStream(train_data, dc.batch_size, dc.bptt, variable_bptt=dc.variable_bptt,
                          shuffle=dc.shuffle, seed=cfg.train.seed)
     model = LanguageModel(cfg.model, len(corpus.vocab))
     opt = build_optimizer(cfg.optim, model.parameters())
     params = [p for p in model.parameters() if p.requires_grad]
     clip = cfg.optim.clip if cfg.optim.clip > 0 else float("inf")
     model.train()
-    times, state = [], None
+    times, tokens, state = [], [], None
     for i, batch in enumerate(stream.batches(0)):
         if i == steps:
             break
+        tokens.append(batch.target.numel())
         t0 = time.perf_counter()
         state = detach_state(state) if dc.carry_state else None
-        logits, state, _ = model(batch.input, state)
-        loss = cross_entropy_sum(logits, batch.target) / batch.target.numel()
+        with lm_precision.autocast(prec, device):
+            logits, state, _ = model(batch.input, state)
+            loss = cross_entropy_sum(logits.float(), batch.target) / batch.target.numel()
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, clip)
         opt.step()
         times.append(time.perf_counter() - t0)
-    return times
+    return times, tokens
+
+
+def tokens_per_s(times: list[float], tokens: list[int]) -> float:
+    """The median over steps of each step's tokens over its seconds."""
+    return statistics.median(n / t for n, t in zip(tokens, times))
 
 
 def main(argv=None):
@@ -124,30 +148,64 @@ def main(argv=None):
                     default=["recipes/char_ptb.yaml", "recipes/word_ptb.yaml"])
     ap.add_argument("--steps", type=int, default=12, help="timed steps per loop")
     ap.add_argument("--warmup", type=int, default=3, help="untimed steps first")
+    ap.add_argument("--precision", nargs="+", default=["fp32"], choices=["fp32", "bf16"],
+                    help="train.precision values to time, each in turn (bf16: native only)")
     ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("--data-root", default=os.environ.get("LM_DATA_ROOT")
                     or str(REPO.parent / "shared" / "data" / "ptb"))
     args = ap.parse_args(argv)
+    precisions = list(dict.fromkeys(args.precision))  # in order, once each
+    try:
+        for p in precisions:
+            lm_precision.resolve(p, torch.device("cpu"), where="--precision")
+    except ConfigError as e:
+        print(f"train_step.py: error: {e}", file=sys.stderr)
+        return 2
+    missing = [r for r in args.recipes if not Path(r).is_file()]
+    if missing:
+        print(f"train_step.py: error: no such recipe: {', '.join(missing)}", file=sys.stderr)
+        return 2
     if args.threads:
         torch.set_num_threads(args.threads)
     n = args.warmup + args.steps
     print(machine())
+    print(f"Device: cpu; precision: {' '.join(precisions)}; {args.steps} timed steps after "
+          f"{args.warmup} warm-up")
     print()
-    print("| recipe | train.py step (ms) | bare step (ms) | overhead (median) "
-          "| overhead (fastest) | target |")
-    print("|---|---:|---:|---:|---:|---:|")
+    print("| recipe | precision | train.py step (ms) | bare step (ms) | overhead (median) "
+          "| overhead (fastest) | target | train.py tokens/s | bare tokens/s |")
+    print("|---|---|---:|---:|---:|---:|---:|---:|---:|")
+    speed = {}  # (recipe, precision): train.py tokens/s
     with tempfile.TemporaryDirectory() as tmp:
         root = small_eval_corpus(Path(args.data_root), Path(tmp) / "ptb")
         for recipe in args.recipes:
-            ov = overrides(root, Path(tmp) / Path(recipe).stem, n, args.threads)
-            trainer = time_trainer(recipe, ov)[args.warmup:]
-            bare = time_bare(recipe, ov, n)[args.warmup:]
-            t, b = statistics.median(trainer), statistics.median(bare)
-            over, over_min = t / b - 1, min(trainer) / min(bare) - 1
-            print(f"| {recipe} | {t * 1e3:.1f} | {b * 1e3:.1f} | {over * 100:+.1f}% "
-                  f"| {over_min * 100:+.1f}% | <= 5% ({'pass' if over <= 0.05 else 'FAIL'}) |")
-            sys.stdout.flush()
+            for prec in precisions:
+                out = Path(tmp) / f"{Path(recipe).stem}-{prec}"
+                ov = overrides(root, out, n, args.threads, prec)
+                trainer_all = time_trainer(recipe, ov)
+                bare_all, tokens = time_bare(recipe, ov, n)
+                # trainer_all[j] runs from optimizer step j + 1 to j + 2: batch j + 1's work.
+                trainer, trainer_tok = trainer_all[args.warmup:], tokens[args.warmup + 1:]
+                bare, bare_tok = bare_all[args.warmup:], tokens[args.warmup:]
+                t, b = statistics.median(trainer), statistics.median(bare)
+                over, over_min = t / b - 1, min(trainer) / min(bare) - 1
+                speed[recipe, prec] = tokens_per_s(trainer, trainer_tok)
+                print(f"| {recipe} | {prec} | {t * 1e3:.1f} | {b * 1e3:.1f} | {over * 100:+.1f}% "
+                      f"| {over_min * 100:+.1f}% | <= 5% ({'pass' if over <= 0.05 else 'FAIL'}) "
+                      f"| {speed[recipe, prec]:,.0f} | {tokens_per_s(bare, bare_tok):,.0f} |")
+                sys.stdout.flush()
+    others = [p for p in precisions if p != "fp32"]
+    if "fp32" in precisions and others:
+        print()
+        print("| recipe | " + " | ".join(f"{p} tokens/s" for p in precisions) + " | "
+              + " | ".join(f"{p}/fp32 speed" for p in others) + " |")
+        print("|---|" + "---:|" * (len(precisions) + len(others)))
+        for recipe in args.recipes:
+            base = speed[recipe, "fp32"]
+            print(f"| {recipe} | " + " | ".join(f"{speed[recipe, p]:,.0f}" for p in precisions)
+                  + " | " + " | ".join(f"{speed[recipe, p] / base:.2f}x" for p in others) + " |")
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

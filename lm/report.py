@@ -41,8 +41,8 @@ from typing import Optional, Sequence
 import numpy as np
 
 from lm import scores
-from lm.config import fields_with, flat
-from lm.errors import UserError
+from lm.config import config_from_dict, fields_with, flat
+from lm.errors import ConfigError, UserError
 from lm.runs import Run, find_runs, fmt_duration
 
 # Runs that differ only in these (the bookkeeping fields of lm.config, and the seed) are one group.
@@ -51,7 +51,16 @@ AXES = ("epochs", "steps", "wall")
 
 
 def identity(config: dict) -> str:
-    """The group key of a config: everything but the seed and where/how it was written."""
+    """The group key of a config: everything but the seed and where/how it was written.
+
+    The config is read as the current schema reads it (defaults for fields newer than the run,
+    renamed keys migrated), so a run written before a field existed groups with a run that
+    holds its default.
+    """
+    try:
+        config = config_from_dict(config).to_dict()
+    except ConfigError:
+        pass  # not a config this code reads: group it by what it says
     return json.dumps({k: v for k, v in flat(config).items() if k not in NOT_IDENTITY}, sort_keys=True)
 
 

@@ -301,3 +301,20 @@ def test_report_errors(tmp_path):
         proc = run_cli("-m", "lm.report", *args, "--out", tmp_path / "r")
         assert proc.returncode == 2 and message in proc.stderr, (args, proc.stderr)
         assert len(proc.stderr.strip().splitlines()) == 1
+
+
+def test_report_groups_a_run_older_than_a_field_with_one_holding_its_default():
+    """A run written before train.precision existed (and with data.tokenizer, since renamed)
+    is the same experiment as one written after with the defaults: one group, two seeds."""
+    from lm.config import Config
+    from lm.report import identity
+
+    now = Config().to_dict()
+    old = Config().to_dict()
+    del old["train"]["precision"], old["train"]["ddp_noise"]
+    old["data"]["tokenizer"] = None
+    old["train"]["seed"], old["data"]["url"] = 2, "http://example.org/ptb.tgz"  # seed, bookkeeping
+    assert identity(old) == identity(now)
+    changed = Config().to_dict()
+    changed["train"]["precision"] = "bf16"
+    assert identity(changed) != identity(now)

@@ -48,6 +48,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from lm import precision as lm_precision  # noqa: E402
+from lm.config import resolve_device  # noqa: E402
 from lm.errors import ConfigError  # noqa: E402
 from lm.nn import LSTM  # noqa: E402
 from lm.nn import fused_cell, products, recurrence  # noqa: E402
@@ -475,22 +476,12 @@ def main(argv=None):
 
 
 def _parse_device(name: str) -> torch.device:
-    """``--device`` as a torch.device; CUDA only where a device is present."""
+    """``--device`` as a torch.device, by the trainer's own rule (lm.config.resolve_device)."""
     try:
-        device = torch.device(name)
-    except RuntimeError:
-        device = None
-    if device is None or device.type not in ("cpu", "cuda"):
-        raise ConfigError(f"--device {name!r} is not cpu, cuda or cuda:N")
-    if device.type == "cuda":
-        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
-        if count == 0:
-            raise ConfigError(f"--device {name}: no CUDA device is available here "
-                              f"(torch {torch.__version__}, CUDA {torch.version.cuda})")
-        if (device.index or 0) >= count:
-            raise ConfigError(f"--device {name}: only {count} CUDA device(s) here")
-        device = torch.device("cuda", device.index or 0)
-    return device
+        device = resolve_device(name)
+    except ConfigError as exc:
+        raise ConfigError(f"--device {name}: {exc}") from None
+    return torch.device("cuda", device.index or 0) if device.type == "cuda" else device
 
 
 if __name__ == "__main__":

@@ -98,6 +98,8 @@ def open_split(data_cfg, ckpt: dict, args):
     try:
         return open_corpus(data_cfg, saved=ckpt, source=args.checkpoint, splits=(args.split,))
     except DataError as exc:
+        # This command cannot download: drop the data layer's advice to set data.download.
+        exc = DataError(str(exc).replace(" (or set data.download=true to fetch them)", ""))
         raise with_option(exc, "data.root", "--data-root") from None
 
 

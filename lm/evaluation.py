@@ -15,7 +15,7 @@ import torch
 from tqdm import tqdm
 
 from lm import distributed
-from lm.data import eval_batches
+from lm.data import EvalStream
 from lm.distributed import Context
 from lm.model import cross_entropy_sum, detach_state
 
@@ -54,7 +54,7 @@ def evaluate(model: torch.nn.Module, data: torch.Tensor, *, batch_size: int, bpt
     model.eval()
     total, count, state = 0.0, 0, None
     cols = ctx.share(batch_size)
-    chunks = eval_batches(data, batch_size, bptt, bos_id, warmup=warmup, reset_every=reset_every)
+    chunks = EvalStream(data, batch_size, bptt, bos_id, warmup=warmup, reset_every=reset_every)
     bar = tqdm(total=chunks.rows, unit="step", desc="scoring", disable=not progress, leave=False,
                dynamic_ncols=True)
     try:
@@ -104,7 +104,7 @@ def evaluate_mc(model: torch.nn.Module, data: torch.Tensor, *, samples: int, bat
     was_training = model.training
     model.train()  # the noise on; no_grad keeps it a pure evaluation
     total, count, states = 0.0, 0, [None] * samples
-    chunks = eval_batches(data, batch_size, bptt, bos_id, warmup=warmup, reset_every=reset_every)
+    chunks = EvalStream(data, batch_size, bptt, bos_id, warmup=warmup, reset_every=reset_every)
     bar = tqdm(total=chunks.rows * samples, unit="step", desc=f"scoring x{samples}",
                disable=not progress, leave=False, dynamic_ncols=True)
     try:

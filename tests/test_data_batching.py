@@ -1,10 +1,10 @@
-"""TrainStream and eval_batches: layouts, determinism, resuming, exact evaluation coverage."""
+"""TrainStream and EvalStream: layouts, determinism, resuming, exact evaluation coverage."""
 import math
 
 import pytest
 import torch
 
-from lm.data import Batch, EvalBatch, TrainStream, eval_batches
+from lm.data import Batch, EvalBatch, EvalStream, TrainStream
 from lm.errors import ConfigError, DataError
 
 
@@ -109,7 +109,7 @@ def test_global_rng_untouched():
         ts = TrainStream(stream(4000), 4, 16, seed=5, **kw)
         list(ts.batches(0))
         ts.num_batches(1)
-    list(eval_batches(stream(100), 3, 7, bos_id=0))
+    list(EvalStream(stream(100), 3, 7, bos_id=0))
     assert torch.equal(torch.get_rng_state(), before)
 
 
@@ -126,10 +126,10 @@ def test_train_stream_errors():
 
 @pytest.mark.parametrize("n,batch_size,bptt", [(1, 1, 5), (10, 1, 3), (10, 3, 2), (17, 4, 3), (5, 4, 2),
                                                (9, 4, 100), (1000, 7, 35), (3, 8, 1)])
-def test_eval_batches_cover_every_token_once(n, batch_size, bptt):
+def test_eval_stream_covers_every_token_once(n, batch_size, bptt):
     data = torch.randint(1, 50, (n,), generator=torch.Generator().manual_seed(n)) * 1000 + torch.arange(n)
     bos = 0
-    chunks = list(eval_batches(data, batch_size, bptt, bos_id=bos))
+    chunks = list(EvalStream(data, batch_size, bptt, bos_id=bos))
     assert all(isinstance(c, EvalBatch) for c in chunks)
     rows = math.ceil(n / batch_size)
     assert [c.input.shape[0] for c in chunks] == [min(bptt, rows - i) for i in range(0, rows, bptt)]
@@ -149,14 +149,14 @@ def test_eval_batches_cover_every_token_once(n, batch_size, bptt):
 
 def test_eval_batch_size_one_is_whole_stream():
     data = torch.arange(1, 11)
-    (c,) = list(eval_batches(data, 1, 100, bos_id=0))
+    (c,) = list(EvalStream(data, 1, 100, bos_id=0))
     assert c.input[:, 0].tolist() == list(range(0, 10)) and c.target[:, 0].tolist() == list(range(1, 11))
     assert bool(c.mask.all())
 
 
 def test_eval_empty():
     with pytest.raises(DataError):
-        list(eval_batches(torch.zeros(0, dtype=torch.long), 2, 5, bos_id=0))
+        list(EvalStream(torch.zeros(0, dtype=torch.long), 2, 5, bos_id=0))
 
 
 def test_word_corpus_batches(ptb_root):
@@ -165,4 +165,4 @@ def test_word_corpus_batches(ptb_root):
     c = load_corpus("word", ptb_root)
     ts = TrainStream(c.train, 20, 35)
     assert ts.num_batches(0) == math.ceil((929_589 // 20 - 1) / 35) == 1328
-    assert sum(ch.num_tokens for ch in eval_batches(c.test, 10, 35, c.vocab.eos_id)) == 82_430
+    assert sum(ch.num_tokens for ch in EvalStream(c.test, 10, 35, c.vocab.eos_id)) == 82_430

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from lm.config import ModelConfig, load_config
-from lm.data import EvalStream, eval_batches
+from lm.data import EvalStream
 from lm.errors import ConfigError
 from lm.evaluation import DEFAULT_WARMUP, eval_warmup, evaluate
 from lm.model import LanguageModel, cross_entropy_sum
@@ -40,7 +40,7 @@ def columns(stream):
     (1000, 64, 7, 200), (3, 8, 1, 5), (500, 1024, 100, 64)])
 def test_every_token_is_scored_once_after_its_warmup(n, batch_size, bptt, warmup):
     data = numbered_stream(n)
-    stream = eval_batches(data, batch_size, bptt, bos_id=0, warmup=warmup)
+    stream = EvalStream(data, batch_size, bptt, bos_id=0, warmup=warmup)
     inputs, targets, mask, chunks = columns(stream)
     assert all(c.input.shape[0] <= bptt for c in chunks) and len(chunks) == len(stream)
     assert inputs.shape == (stream.rows, batch_size)
@@ -71,7 +71,7 @@ def test_every_token_is_scored_once_after_its_warmup(n, batch_size, bptt, warmup
 
 def test_without_warmup_the_layout_is_the_plain_one():
     data = numbered_stream(1000)
-    plain = list(eval_batches(data, 7, 35, bos_id=0))
+    plain = list(EvalStream(data, 7, 35, bos_id=0))
     assert all(c.reset is None for c in plain) and [c.input.shape[0] for c in plain] == [35] * 4 + [3]
     padded = torch.cat([data, torch.zeros(1, dtype=torch.long)])  # 7 columns of 143
     assert torch.equal(torch.cat([c.target for c in plain]), padded.view(7, 143).t())
@@ -99,7 +99,7 @@ def test_warmup_default_per_level_and_override():
                                                      (50, 16, 5, 7), (9, 2, 4, 100)])
 def test_reset_every_layout(n, batch_size, bptt, every):
     data = numbered_stream(n)
-    inputs, targets, mask, chunks = columns(eval_batches(data, batch_size, bptt, 0, reset_every=every,
+    inputs, targets, mask, chunks = columns(EvalStream(data, batch_size, bptt, 0, reset_every=every,
                                                          warmup=50))
     assert int(mask.sum()) == n and torch.equal(targets.t()[mask.t()], data)
     # The state is zero in front of exactly the positions p with p % every == 0.

@@ -7,9 +7,9 @@
 * :mod:`lm.data.chars` -- the character-level view of a word line / file.
 * :mod:`lm.data.vocab` -- :class:`Vocab` (token <-> id, ``<eos>`` first).
 * :mod:`lm.data.corpus` -- :func:`open_corpus` / :func:`load_corpus` -> :class:`Corpus` of id streams.
-* :mod:`lm.data.batching` -- :class:`TrainStream` / :class:`EvalStream` (:func:`eval_batches`).
+* :mod:`lm.data.batching` -- :class:`TrainStream` / :class:`EvalStream`.
 """
-from .batching import Batch, EvalBatch, EvalStream, TrainStream, eval_batches
+from .batching import Batch, EvalBatch, EvalStream, TrainStream
 from .chars import char_corpus_text, word_line_to_chars
 from .corpus import Corpus, load_corpus, open_corpus
 from .ptb import PTB_SHA256, PTB_URL, prepare_ptb
@@ -20,5 +20,5 @@ from .vocab import Vocab
 __all__ = [
     "PTB_URL", "PTB_SHA256", "prepare_ptb", "load_corpus", "open_corpus", "Corpus", "Vocab",
     "SOURCES", "KINDS", "Tokenizer", "tokenizer_from_checkpoint", "tokenizer_kind",
-    "word_line_to_chars", "char_corpus_text", "TrainStream", "Batch", "eval_batches", "EvalBatch", "EvalStream",
+    "word_line_to_chars", "char_corpus_text", "TrainStream", "Batch", "EvalBatch", "EvalStream",
 ]

@@ -209,12 +209,6 @@ class TrainStream:
         return self.num_batches(0)
 
 
-def eval_batches(data: torch.Tensor, batch_size: int, bptt: int, bos_id: int, *,
-                 warmup: int = 0, reset_every: int = 0) -> "EvalStream":
-    """The chunks of :class:`EvalStream` (kept under its historical name)."""
-    return EvalStream(data, batch_size, bptt, bos_id, warmup=warmup, reset_every=reset_every)
-
-
 class EvalStream:
     """Chunks that score every token of ``data`` exactly once, ``B`` columns at a time.
 
@@ -296,4 +290,4 @@ class EvalStream:
             yield EvalBatch(self._input[i:j], self._target[i:j], self._mask[i:j], reset)
 
 
-__all__ = ["Batch", "EvalBatch", "EvalStream", "TrainStream", "eval_batches", "epoch_generator"]
+__all__ = ["Batch", "EvalBatch", "EvalStream", "TrainStream", "epoch_generator"]

@@ -28,7 +28,8 @@ import torch
 from lm import precision, scores
 from lm.config import resolve_device
 from lm.data import open_corpus
-from lm.errors import DataError, UserError, with_option
+from lm.data.ptb import for_command
+from lm.errors import DataError, UserError
 from lm.evaluation import eval_warmup, evaluate, evaluate_mc, raw_bpc
 from lm.scores import figures
 from lm.trained import load_trained
@@ -98,9 +99,7 @@ def open_split(data_cfg, ckpt: dict, args):
     try:
         return open_corpus(data_cfg, saved=ckpt, source=args.checkpoint, splits=(args.split,))
     except DataError as exc:
-        # This command cannot download: drop the data layer's advice to set data.download.
-        exc = DataError(str(exc).replace(" (or set data.download=true to fetch them)", ""))
-        raise with_option(exc, "data.root", "--data-root") from None
+        raise for_command(exc, "--data-root") from None
 
 
 def run(args) -> dict:

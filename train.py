@@ -146,7 +146,7 @@ def seed_everything(seed: int) -> None:
 
 def resume_config(cfg: Config, saved: dict, path: Path) -> list[str]:
     """A checkpoint resumes only into the same experiment: a changed field that fixes it is
-    refused, naming every one; a changed bound or path (lm.config.resumable) is applied. Returns
+    refused, naming every one; a changed bound or bookkeeping field (lm.config) is applied. Returns
     the applied changes as text."""
     applied, refused = resume_changes(saved, cfg)
     if refused:
@@ -322,7 +322,6 @@ def train(args, stop: StopSignal, ctx: distributed.Context = distributed.Context
                   f"{ctx.world}; the noise and dropout streams restart, so the losses will not "
                   f"repeat those of an uninterrupted run", file=sys.stderr)
             seed_everything(distributed.noise_seed(tc.seed, ctx.rank, progress["step"]))
-    progress.setdefault("segments", [])  # checkpoints older than the field have none
     ended = None if saved is None else finished_because(tc, progress, stopper)
     if ended and test_was_scored(run_dir, progress):  # a finished run stays finished
         print(f"{run_dir} is finished at step {progress['step']}: {ended}")
@@ -455,7 +454,7 @@ def train(args, stop: StopSignal, ctx: distributed.Context = distributed.Context
             state = detach_state(state) if dc.carry_state else None
             with amp():
                 logits, state, (raw, dropped) = step_model(inp, state)
-                loss = cross_entropy_sum(logits.float(), target) / target.numel()
+                loss = cross_entropy_sum(logits, target) / target.numel()
                 total = loss
                 if tc.ar:  # AR: large activations are penalized, after output dropout (AWD-LSTM)
                     total = total + tc.ar * dropped.float().pow(2).mean()

@@ -153,7 +153,6 @@ class OptimConfig:
 
 @dataclass
 class TrainConfig:
-    # Bounds and bookkeeping below are bookkeeping(): a resumed run may raise a bound that ended it.
     epochs: int = bound(50)
     max_steps: int = bound(0)  # 0: no bound besides epochs
     seed: int = 1111
@@ -236,7 +235,7 @@ def resume_changes(saved: dict, now: "Config") -> tuple[list, list]:
     default when the checkpoint was written. ``applied``: the :func:`bound` and
     :func:`bookkeeping` fields; ``refused``: any other field, since it fixes the experiment.
     """
-    then, current = {**flat(Config().to_dict()), **flat(saved)}, flat(now.to_dict())
+    then, current = as_current(saved), flat(now.to_dict())
     applied, refused = [], []
     for key, f in _field_paths(Config):
         old, new = then.get(key), current.get(key)
@@ -636,6 +635,17 @@ def _read_one(path: str | Path) -> dict:
 
 # data.tokenizer, replaced by data.level (one field for the kind of token): its values as levels.
 _TOKENIZER_LEVEL = {"word": "word", "char": "char", "sentencepiece": "subword"}
+
+
+def as_current(saved: dict) -> dict:
+    """A saved config (a checkpoint's, a run's config.yaml) as this code's schema reads it,
+    flat (``{"section.key": value}``): renamed keys migrated and fields newer than the run at
+    their defaults, which is what the run used. One that no longer validates is laid over the
+    defaults as it stands."""
+    try:
+        return flat(config_from_dict(saved).to_dict())
+    except ConfigError:
+        return {**flat(Config().to_dict()), **flat(saved)}
 
 
 def config_from_dict(raw: dict) -> Config:

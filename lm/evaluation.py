@@ -67,7 +67,7 @@ def evaluate(model: torch.nn.Module, data: torch.Tensor, *, batch_size: int, bpt
             logits, state, _ = model(batch.input[:, cols].to(device), state)
             state = detach_state(state)
             mask = batch.mask[:, cols].to(device)
-            total += cross_entropy_sum(logits.float(), batch.target[:, cols].to(device), mask).item()
+            total += cross_entropy_sum(logits, batch.target[:, cols].to(device), mask).item()
             count += int(mask.sum())
             bar.update(batch.input.shape[0])
             if count and bar.n % (10 * bptt) < batch.input.shape[0]:  # a running figure now and then

@@ -55,7 +55,7 @@ import torch
 
 from lm.config import (LSTMConfig, ModelConfig, build_section, read_with_overrides,
                        resolve_device, validate as validate_train_config, Config)
-from lm.errors import ConfigError, DataError, UserError, with_option
+from lm.errors import ConfigError, DataError, UserError
 
 METHODS = ("shared", "flipout")
 GATES = ("i", "f", "g", "o")
@@ -344,11 +344,13 @@ def _fresh_corpus(cfg: GradVarianceConfig):
 @contextlib.contextmanager
 def _data_root_advice():
     """A missing corpus is advised in this experiment's own key (``data_root``), not the
-    training recipe's ``data.root``, which its config does not take."""
+    training recipe's ``data.root``, which its config does not take (nor ``data.download``)."""
+    from lm.data.ptb import for_command
+
     try:
         yield
     except DataError as exc:
-        raise with_option(exc, "data.root", "data_root") from None
+        raise for_command(exc, "data_root") from None
 
 
 def run(cfg: GradVarianceConfig, *, quiet: bool = False) -> dict:

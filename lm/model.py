@@ -172,8 +172,12 @@ def detach_state(state):
 
 
 def cross_entropy_sum(logits: torch.Tensor, target: torch.Tensor, mask=None) -> torch.Tensor:
-    """Summed negative log-likelihood in nats over (optionally masked) positions."""
-    loss = F.cross_entropy(logits.reshape(-1, logits.size(-1)), target.reshape(-1), reduction="none")
+    """Summed negative log-likelihood in nats over (optionally masked) positions.
+
+    The log-softmax runs in float32 whatever the logits' dtype (bfloat16 under autocast): a
+    sum over a 10,000-word vocabulary in bfloat16 would lose the loss's low digits."""
+    loss = F.cross_entropy(logits.float().reshape(-1, logits.size(-1)), target.reshape(-1),
+                           reduction="none")
     if mask is not None:
         loss = loss * mask.reshape(-1).to(loss.dtype)
     return loss.sum()

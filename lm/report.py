@@ -41,8 +41,8 @@ from typing import Optional, Sequence
 import numpy as np
 
 from lm import scores
-from lm.config import config_from_dict, fields_with, flat
-from lm.errors import ConfigError, UserError
+from lm.config import as_current, fields_with
+from lm.errors import UserError
 from lm.runs import Run, find_runs, fmt_duration
 
 # Runs that differ only in these (the bookkeeping fields of lm.config, and the seed) are one group.
@@ -57,11 +57,8 @@ def identity(config: dict) -> str:
     renamed keys migrated), so a run written before a field existed groups with a run that
     holds its default.
     """
-    try:
-        config = config_from_dict(config).to_dict()
-    except ConfigError:
-        pass  # not a config this code reads: group it by what it says
-    return json.dumps({k: v for k, v in flat(config).items() if k not in NOT_IDENTITY}, sort_keys=True)
+    return json.dumps({k: v for k, v in as_current(config).items() if k not in NOT_IDENTITY},
+                      sort_keys=True)
 
 
 def mean_sd(values: list) -> tuple:
@@ -139,7 +136,7 @@ def label_namesakes(groups: list) -> None:
     for same in by_name.values():
         if len(same) < 2:
             continue
-        configs = [flat(json.loads(identity(g.first.config))) for g in same]
+        configs = [json.loads(identity(g.first.config)) for g in same]  # flat, defaults filled
         # Fields a newer trainer added are absent (or null) in older runs: not a difference.
         keys = sorted({k for c in configs for k in c
                        if all(o.get(k) is not None for o in configs)

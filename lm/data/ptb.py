@@ -29,7 +29,7 @@ import zlib
 from pathlib import Path
 from typing import Mapping
 
-from lm.errors import DataError, one_line
+from lm.errors import DataError, one_line, with_option
 from lm.fileio import atomic_write_bytes
 
 PTB_URL = "http://www.fit.vutbr.cz/~imikolov/rnnlm/simple-examples.tgz"
@@ -75,6 +75,17 @@ def _setting(origin: str | None) -> str:
     if origin == "env":
         return f"${ENV_VAR} (or data.root, which takes precedence)"
     return f"data.root or ${ENV_VAR} (data.root takes precedence)"
+
+
+# The advice to download, for train.py; a command that cannot download leaves it out (for_command).
+DOWNLOAD_HINT = " (or set data.download=true to fetch them)"
+
+
+def for_command(exc: DataError, root_option: str) -> DataError:
+    """``exc``'s advice in the terms of a command that takes no recipe (evaluate.py, the
+    gradient-variance experiment): its own option for the folder where the advice names the
+    recipe key ``data.root``, and no advice to set ``data.download``, which it cannot take."""
+    return with_option(DataError(str(exc).replace(DOWNLOAD_HINT, "")), "data.root", root_option)
 
 
 def _where_hint(root: Path, origin: str | None = None) -> str:
@@ -223,8 +234,8 @@ def prepare_ptb(
     missing = [n for n in names if not (path / n).is_file()]
     if missing and not download:
         raise DataError(
-            f"PTB files missing from {path}: {', '.join(missing)}; {_where_hint(path, origin)} "
-            f"(or set data.download=true to fetch them)"
+            f"PTB files missing from {path}: {', '.join(missing)}; {_where_hint(path, origin)}"
+            f"{DOWNLOAD_HINT}"
         )
     if missing:
         created = [p for p in (path, *path.parents) if not p.exists()]  # deepest first

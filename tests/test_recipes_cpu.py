@@ -116,22 +116,34 @@ def test_paper_section_is_checked():
         {"row": "Table 2: Mult. Gauss + Flipout", "valid": 1.256, "test": 1.227}
 
 
-PTB_RECIPES = sorted((REPO / "recipes" / "ptb").glob("word_*.yaml"))
+PTB_RECIPES = sorted((REPO / "recipes" / "ptb").glob("[cw]*_*.yaml"))
+# What each table's scale changes against the full-size recipe, and the size and training
+# prefix it chose: Table 3 at the anchor's size on the whole split, Table 2 at the char pilot's.
+PTB_SCALE = {"word": {"model.hidden_size": 200, "model.embedding_size": 200, "data.train_tokens": 0},
+             "char": {"model.hidden_size": 512, "data.train_tokens": 2_000_000}}
 
 
-def test_every_table_3_row_has_a_ptb_scale_recipe():
-    assert {p.stem for p in PTB_RECIPES} == {"word_unregularized", "word_wd", "word_wd_flipout",
-                                            "word_gal", "word_semeniuta", "word_zaremba", "word_zoneout"}
+def test_every_table_row_has_a_ptb_scale_recipe():
+    assert {p.stem for p in PTB_RECIPES} == {
+        "word_unregularized", "word_wd", "word_wd_flipout", "word_gal", "word_semeniuta",
+        "word_zaremba", "word_zoneout", "char_unregularized", "char_semeniuta", "char_zoneout",
+        "char_gal", "char_mult_gauss", "char_mult_gauss_flipout"}
 
 
 @pytest.mark.parametrize("recipe", PTB_RECIPES, ids=lambda p: p.stem)
 def test_ptb_scale_recipe_changes_only_the_size_and_the_budget(recipe):
-    """recipes/ptb (issue 18): the anchor's size on the whole split; the regularizers, the
-    optimizer, its schedule and the batch (40 x 35) are the paper's, row by row."""
+    """recipes/ptb (issue 18): each table's size (and, for characters, its training prefix);
+    the regularizers, the optimizer, its schedule and the batch are the paper's, row by row."""
     small, full = load_config(recipe), load_config(full_size_recipe(recipe))
     a, b = flat(small.to_dict()), flat(full.to_dict())
     changed = {k for k in a if a[k] != b[k]}
-    assert changed <= {"model.hidden_size", "model.embedding_size", "train.epochs", "train.patience",
-                       "train.log_every", "train.run_name"}, changed
-    assert (small.model.hidden_size, small.model.embedding_size, small.data.train_tokens) == (200, 200, 0)
-    assert (small.data.batch_size, small.data.bptt, small.optim.lr, small.optim.schedule) == (40, 35, 30.0, "decay")
+    size = PTB_SCALE[small.data.level]
+    assert changed <= set(size) | {"train.epochs", "train.patience", "train.log_every",
+                               "train.run_name"}, changed
+    assert {k: a[k] for k in size} == size
+    if small.data.level == "word":
+        assert (small.data.batch_size, small.data.bptt, small.optim.lr,
+                small.optim.schedule) == (40, 35, 30.0, "decay")
+    else:
+        assert (small.data.batch_size, small.data.bptt, small.optim.name, small.optim.lr,
+                small.optim.clip) == (32, 100, "amsgrad", 0.002, 1.0)

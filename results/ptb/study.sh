@@ -5,7 +5,7 @@
 #   LM_DATA_ROOT=../shared/data/ptb taskset -c 1 bash results/ptb/study.sh anchor
 # then `collect` copies the finished runs into results/ptb/ and writes the reports.
 # Parts, in the order the issue asks for: anchor, the pilots, the key rows (seed 1, then the
-# other seeds), the other rows, the large-batch pair.
+# other seeds), the other rows, for words then characters; the large-batch pair.
 set -euo pipefail
 export OMP_NUM_THREADS=1
 out=${STUDY_OUT:-checkpoints/ptb}
@@ -14,7 +14,10 @@ sweep() { python -m lm.sweep "$@" "${common[@]}"; }
 r=recipes/ptb
 word_key=($r/word_unregularized.yaml $r/word_wd.yaml $r/word_wd_flipout.yaml)
 word_other=($r/word_gal.yaml $r/word_semeniuta.yaml $r/word_zaremba.yaml $r/word_zoneout.yaml)
-case "${1:?usage: study.sh anchor|pilots|word-key|word-other|collect}" in
+char_key=($r/char_unregularized.yaml $r/char_mult_gauss.yaml $r/char_mult_gauss_flipout.yaml)
+char_other=($r/char_semeniuta.yaml $r/char_zoneout.yaml $r/char_gal.yaml)
+parts="anchor|pilots|word-key|word-other|char-key|char-other|collect"
+case "${1:?usage: study.sh $parts}" in
   anchor)
     # Zaremba et al.'s small model, the published result the trainer is anchored to.
     sweep recipes/zaremba_small.yaml --seeds "${SEEDS:-1}" --out "$out/anchor" ;;
@@ -27,9 +30,15 @@ case "${1:?usage: study.sh anchor|pilots|word-key|word-other|collect}" in
     sweep "${word_key[@]}" --seeds 2,3 --out "$out/word" ;;
   word-other)
     sweep "${word_other[@]}" --seeds 1,2 --out "$out/word" ;;
+  char-key)
+    # The key rows of Table 2 at the pilot's size: seed 1 of each, then seeds 2 and 3.
+    sweep "${char_key[@]}" --seeds 1 --out "$out/char"
+    sweep "${char_key[@]}" --seeds 2,3 --out "$out/char" ;;
+  char-other)
+    sweep "${char_other[@]}" --seeds 1,2 --out "$out/char" ;;
   collect)
     # Each finished run's config, metrics and summary (never its checkpoints), then the reports.
-    for part in anchor pilots word; do
+    for part in anchor pilots word char; do
       for run in "$out/$part"/*/; do
         [ -d "$run" ] || continue
         grep -q '"split": "test".*"best": true' "$run/metrics.jsonl" 2>/dev/null || continue
@@ -40,6 +49,6 @@ case "${1:?usage: study.sh anchor|pilots|word-key|word-other|collect}" in
         python -m lm.report "results/ptb/$part/runs" --out "results/ptb/$part"
       fi
     done ;;
-  *) echo "study.sh: unknown part '$1' (anchor, pilots, word-key, word-other or collect)" >&2
+  *) echo "study.sh: unknown part '$1' (one of $parts)" >&2
      exit 2 ;;
 esac

@@ -16,97 +16,36 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
 import math
 import os
-import random
 import signal
 import sys
 import time
 from pathlib import Path
 
-import numpy as np
 import torch
 from tqdm import tqdm
 
-from lm import checkpoint, distributed, fileio, precision, runlock
-from lm.config import Config, load_config, resolve_device, resume_changes
+from lm import checkpoint, distributed, fileio, precision, resume, runlock, training_state
+from lm.config import Config, load_config, resolve_device
 from lm.data import TrainStream, open_corpus
-from lm.errors import CheckpointError, UserError
+from lm.errors import UserError
 from lm.evaluation import eval_warmup, evaluate, raw_bpc
 from lm.metrics import MetricsLog, NullLog, provenance, write_run_summary
-from lm.model import Columns, LanguageModel, cross_entropy_sum, detach_state
+from lm.model import Columns, LanguageModel, detach_state, training_loss
 from lm.optim import EarlyStopping, Schedule, build_optimizer
 from lm.scores import figures, headline
+from lm.seeds import seed_everything
+from lm.signals import StopNow, StopSignal
+from lm.training_state import TrainingState, as_cpu
 
 # Vocabulary sizes of Mikolov's PTB, so that --dry-run can count parameters without the data.
 PTB_VOCAB_SIZE = {"word": 10_000, "char": 50}
+
+
 class NonFiniteError(UserError):
     pass
-
-
-class StopNow(KeyboardInterrupt):
-    """A second SIGINT/SIGTERM: leave at once. main() turns it into one line and exit 128+N.
-    (A KeyboardInterrupt, so that no ``except Exception`` on the way swallows it.)"""
-
-    def __init__(self, signum: int):
-        super().__init__(signum)
-        self.signum = signum
-
-
-class StopSignal:
-    """Turns SIGINT/SIGTERM into a flag the loop checks after each step.
-
-    The first signal says at once that the run stops after the current step and saves. A
-    second one stops at once (:class:`StopNow`), except while a checkpoint is being written
-    (:meth:`deferred`): that write finishes first, so the newest checkpoint is always whole.
-    """
-
-    def __init__(self):
-        self.signum = None
-        self.again = None  # a second signal that arrived during a deferred block
-        self.depth = 0
-        self.explain = lambda: "nothing had been written yet"  # train() says more once it can
-
-    def __call__(self, signum, frame):
-        if self.signum is None:
-            self.signum = signum
-            name = signal.Signals(signum).name
-            again = "press Ctrl-C again to stop" if signum == signal.SIGINT else f"a second {name} stops"
-            self._say(f"\n{name} received: stopping after the current step and saving a "
-                      f"checkpoint ({again} at once, losing the steps since the last checkpoint)\n")
-        elif self.depth:
-            self.again = signum
-        else:
-            raise StopNow(signum)
-
-    @staticmethod
-    def _say(text: str) -> None:
-        """Print from a signal handler: a raw write, since the handler may interrupt a print."""
-        try:
-            os.write(sys.stderr.fileno(), text.encode())
-        except (AttributeError, OSError, ValueError):  # no file descriptor (captured stderr)
-            print(text, end="", file=sys.stderr)
-
-    @contextlib.contextmanager
-    def deferred(self):
-        """A second signal inside this block takes effect when the block ends."""
-        self.depth += 1
-        try:
-            yield
-        finally:
-            self.depth -= 1
-        if not self.depth and self.again is not None:
-            raise StopNow(self.again)
-
-    @contextlib.contextmanager
-    def installed(self):
-        """Catch SIGINT/SIGTERM while training; put the previous handlers back afterwards."""
-        previous = {sig: signal.signal(sig, self) for sig in (signal.SIGINT, signal.SIGTERM)}
-        try:
-            yield self
-        finally:
-            for sig, handler in previous.items():
-                signal.signal(sig, handler)
 
 
 def parse_args(argv):
@@ -136,48 +75,6 @@ def dry_run_parameters(cfg: Config) -> str:
         return (f"{2 * one - two:,} + {two - one:,} per vocabulary entry (the vocabulary is "
                 f"built from the training split when the run starts)")
     return f"{LanguageModel(cfg.model, size).num_parameters():,}"
-
-
-def seed_everything(seed: int) -> None:
-    random.seed(seed)
-    np.random.seed(seed % 2**32)
-    torch.manual_seed(seed)
-
-
-def resume_config(cfg: Config, saved: dict, path: Path) -> list[str]:
-    """A checkpoint resumes only into the same experiment: a changed field that fixes it is
-    refused, naming every one; a changed bound or bookkeeping field (lm.config) is applied. Returns
-    the applied changes as text."""
-    applied, refused = resume_changes(saved, cfg)
-    if refused:
-        diffs = "; ".join(f"{k} (checkpoint {a!r}, now {b!r})" for k, a, b in refused)
-        raise CheckpointError(f"cannot resume from {path}: the recipe differs in {diffs}; these fix "
-                              f"the experiment, so resume with the run's own config.yaml, or start a "
-                              f"new run with train.run_name=NAME")
-    return [f"{k} {a!r} -> {b!r}" for k, a, b in applied]
-
-
-def finished_because(tc, progress: dict, stopper: EarlyStopping) -> str | None:
-    """Why a run whose training state is ``progress`` has nothing left to train, or None."""
-    if tc.max_steps and progress["step"] >= tc.max_steps:
-        return f"it reached train.max_steps={tc.max_steps}; raise train.max_steps to train it further"
-    if stopper.should_stop:
-        return (f"early stopping ended it ({stopper.bad} evaluations without a new best, "
-                f"train.patience={tc.patience}); raise train.patience to train it further")
-    if progress["epoch"] >= tc.epochs:
-        return f"it trained train.epochs={tc.epochs} epochs; raise train.epochs to train it further"
-    return None
-
-
-def test_was_scored(run_dir: Path, progress: dict) -> bool:
-    """The run's end was written: metrics.jsonl holds the best checkpoint's test line after the
-    lines the checkpoint accounts for (a run killed before scoring it has none)."""
-    try:
-        lines = (run_dir / "metrics.jsonl").read_text(encoding="utf-8").splitlines()
-    except OSError:
-        return False
-    return any('"split": "test"' in line and '"best": true' in line
-               for line in lines[progress["metrics_lines"]:])
 
 
 @contextlib.contextmanager
@@ -215,16 +112,6 @@ def main(argv=None) -> int:
         distributed.shutdown()
 
 
-def stopped_at_once(run_dir: Path, resume_cmd: str, start_cmd: str) -> str:
-    """What a second Ctrl-C leaves: the newest checkpoint (written whole, see StopSignal)."""
-    found = checkpoint.numbered(run_dir)
-    if not found:
-        return f"no checkpoint had been written yet; start again with: {start_cmd}"
-    step = int(checkpoint.CKPT_RE.match(found[-1].name).group(1))
-    return (f"the step in progress is not saved; the newest checkpoint {found[-1]} (step {step}) "
-            f"is intact. Resume with: {resume_cmd}")
-
-
 def train(args, stop: StopSignal, ctx: distributed.Context = distributed.Context(),
           held: contextlib.ExitStack | None = None) -> int:
     signals = stop  # this process's own handler (under DDP `stop` becomes the ranks' agreement)
@@ -248,14 +135,16 @@ def train(args, stop: StopSignal, ctx: distributed.Context = distributed.Context
     run_dir = Path(tc.out_dir) / tc.run_name
     resume_cmd = " ".join([distributed.launcher(ctx), "train.py", args.recipe, *args.overrides,
                            "--resume"])
-    signals.explain = lambda: stopped_at_once(run_dir, resume_cmd, resume_cmd[:-len(" --resume")])
+    signals.explain = lambda: resume.stopped_at_once(run_dir, resume_cmd,
+                                                     resume_cmd[:-len(" --resume")])
     if ctx.main and held is not None:  # one process at a time per run directory, until the end
         held.enter_context(runlock.hold(run_dir))
 
     saved, changed = None, []
     if args.resume:
-        saved, path = checkpoint.load_latest(run_dir, warn=lambda m: print(m, file=sys.stderr))
-        changed = resume_config(cfg, saved["config"], path)
+        saved, path = checkpoint.load_latest(run_dir, training_state.KEYS,
+                                             warn=lambda m: print(m, file=sys.stderr))
+        changed = resume.check_config(cfg, saved["config"], path)
         print(f"resuming from {path} (step {saved['progress']['step']})"
               + (f" with {', '.join(changed)} (recorded in config.yaml)" if changed else ""))
     elif checkpoint.resumable(run_dir):
@@ -293,38 +182,19 @@ def train(args, stop: StopSignal, ctx: distributed.Context = distributed.Context
             model.columns = Columns(cols, dc.batch_size)
     optimizer = build_optimizer(cfg.optim, model.parameters())
     schedule = Schedule(cfg.optim, optimizer, model)
-    scaler = precision.grad_scaler(tc.precision, device)  # fp16 only
-    stopper = EarlyStopping(tc.patience)
-    base_lr = cfg.optim.lr
-    progress = {"epoch": 0, "batch": 0, "step": 0, "skipped": 0, "window_loss": 0.0,
-                "window_steps": 0, "last_eval": -1, "last_ckpt": -1, "metrics_lines": 0,
-                "wall_seconds": 0.0, "step_seconds": 0.0, "tokens_seen": 0, "eval_walls": [],
-                "segments": []}
-    state = None
+    run = TrainingState(model, optimizer, schedule, EarlyStopping(tc.patience),
+                        precision.grad_scaler(tc.precision, device), cfg.optim.lr)  # scaler: fp16
+    progress = run.progress
     if saved is not None:
-        checkpoint.load_model_state(model, saved["model"], path)
-        optimizer.load_state_dict(saved["optimizer"])
-        if scaler is not None and saved.get("scaler"):
-            scaler.load_state_dict(saved["scaler"])
-        schedule.load_state_dict(saved["schedule"])
-        stopper.load_state_dict(saved["early_stopping"])
-        progress.update(saved["progress"])
-        base_lr = saved["base_lr"]
-        state = None if saved["hidden"] is None else [(h[cols].to(device), c[cols].to(device))
-                                                      for h, c in saved["hidden"]]
-        rngs = saved.get("rng_ranks") or [saved["rng"]]  # one per rank that wrote it
-        if tc.ddp_noise == "global":  # every rank held the same stream: any world size goes on
-            checkpoint.set_rng_state(rngs[0])
-        elif len(rngs) == ctx.world:
-            checkpoint.set_rng_state(rngs[ctx.rank])
-        else:  # another number of processes: weights and data order continue, noise does not
-            print(f"note: {path} was written by {len(rngs)} process(es) and is resumed by "
-                  f"{ctx.world}; the noise and dropout streams restart, so the losses will not "
-                  f"repeat those of an uninterrupted run", file=sys.stderr)
-            seed_everything(distributed.noise_seed(tc.seed, ctx.rank, progress["step"]))
-    ended = None if saved is None else finished_because(tc, progress, stopper)
-    if ended and test_was_scored(run_dir, progress):  # a finished run stays finished
-        print(f"{run_dir} is finished at step {progress['step']}: {ended}")
+        run.restore(saved, path, cols, device)
+        progress = run.progress
+        note = run.restore_rng(saved, ctx, tc.ddp_noise, tc.seed, path)
+        if note:
+            print(note, file=sys.stderr)
+    ended = None if saved is None else resume.finished_because(tc, progress.step, progress.epoch,
+                                                               run.stopper)
+    if ended and resume.scored_on_test(run_dir, progress.metrics_lines):  # it stays finished
+        print(f"{run_dir} is finished at step {progress.step}: {ended}")
         return 0
     try:
         if ctx.main and (saved is None or changed):  # rank 0 alone writes files
@@ -335,131 +205,102 @@ def train(args, stop: StopSignal, ctx: distributed.Context = distributed.Context
             corpus.tokenizer.save(run_dir)  # vocab.json (+ tokenizer.model for sentencepiece)
         log = NullLog() if not ctx.main else MetricsLog(
             run_dir, tensorboard=tc.tensorboard,
-            keep_lines=progress["metrics_lines"] if saved else None,
-            purge_step=progress["step"] + 1 if saved else None)
+            keep_lines=progress.metrics_lines if saved else None,
+            purge_step=progress.step + 1 if saved else None)
     except OSError as exc:
         raise UserError(f"cannot write the run directory {run_dir}: {exc.strerror or exc}; set "
                         f"train.out_dir to a writable folder") from None
-    progress["segments"].append(provenance(progress["step"], tc.precision))  # code, CPU, precision
+    progress.segments.append(provenance(progress.step, tc.precision))  # code, CPU, precision
     print(f"run {run_dir}: {corpus.description}, {model.num_parameters():,} parameters, "
-          f"{stream.num_batches(progress['epoch'])} batches/epoch, device {device}"
+          f"{stream.num_batches(progress.epoch)} batches/epoch, device {device}"
           + (f", {ctx.world} processes of {dc.batch_size // ctx.world} columns" if ctx.enabled else ""))
-
-    clock = [time.perf_counter()]
+    # What every checkpoint of the run holds besides the training state (lm.training_state).
+    header = {"format": checkpoint.FORMAT, "config": cfg.to_dict(), "vocab": corpus.vocab.to_dict(),
+              "tokenizer": corpus.tokenizer.state()}
 
     def record_time() -> None:
         """Wall-clock time goes to run.json, never metrics.jsonl (which must be exact)."""
-        now = time.perf_counter()
-        progress["wall_seconds"] += now - clock[0]
-        clock[0] = now
+        run.tick()
         if ctx.main:
-            write_run_summary(run_dir, progress, model.num_parameters(),
-                              stream.num_batches(progress["epoch"]))
+            write_run_summary(run_dir, dataclasses.asdict(progress), model.num_parameters(),
+                              stream.num_batches(progress.epoch))
 
     record_time()  # run.json from the start: lm.sweep reads the epoch's size there
 
-    def snapshot() -> dict:
-        """Everything needed to continue exactly where the loop stands now."""
-        record_time()
-        log.sync()
-        progress["metrics_lines"] = log.lines
-        progress["last_ckpt"] = progress["step"]
-        return {"format": checkpoint.FORMAT, "config": cfg.to_dict(), "vocab": corpus.vocab.to_dict(),
-                "tokenizer": corpus.tokenizer.state(), "model": model.state_dict(),
-                "optimizer": optimizer.state_dict(),
-                "schedule": schedule.state_dict(), "early_stopping": stopper.state_dict(),
-                "progress": dict(progress), "base_lr": base_lr, "rng": checkpoint.rng_state(),
-                "scaler": None if scaler is None else scaler.state_dict(),
-                "hidden": None if state is None else [(h.cpu(), c.cpu()) for h, c in state]}
-
-    saved_at = [time.perf_counter()]  # when this process last wrote a checkpoint (or started)
-
     def save_checkpoint() -> None:
         with signals.deferred():  # a second Ctrl-C waits for the write: the newest one is whole
-            snap = snapshot()
+            log.sync()
+            snap = run.checkpoint(header, log.lines)
+            record_time()
             if ctx.enabled:  # every rank's RNG state, and the carried state of all the columns
                 snap["rng_ranks"] = distributed.gather_objects(snap["rng"])
-                joined = distributed.gather_columns(state)
-                snap["hidden"] = None if joined is None else [(h.cpu(), c.cpu()) for h, c in joined]
+                snap["hidden"] = as_cpu(distributed.gather_columns(run.hidden))
             if ctx.main:
-                checkpoint.save_training(snap, run_dir, progress["step"], tc.keep_checkpoints)
-        saved_at[0] = time.perf_counter()
+                checkpoint.save_training(snap, run_dir, progress.step, tc.keep_checkpoints)
+        run.saved_at = time.perf_counter()
 
     def minutes_due(step: int) -> bool:
         """train.checkpoint_minutes have passed since the last checkpoint. The ranks' clocks
         differ, so under DDP they agree (one small all-reduce) at log steps only."""
         if not tc.checkpoint_minutes:
             return False
-        due = time.perf_counter() - saved_at[0] >= 60 * tc.checkpoint_minutes
+        due = time.perf_counter() - run.saved_at >= 60 * tc.checkpoint_minutes
         if ctx.enabled:
             return step % tc.log_every == 0 and distributed.sum_over_ranks(float(due))[0] > 0
         return due
 
     def validate() -> bool:
         """Score the validation split; update best.pt, the schedule and early stopping."""
-        nonlocal base_lr
         with amp():
             result = evaluate(schedule.eval_model(), corpus.valid, batch_size=dc.eval_batch_size,
                               bptt=eval_bptt, bos_id=corpus.vocab.eos_id, device=device, ctx=ctx,
                               warmup=warmup)
         loss = result["loss"]
-        progress["last_eval"] = progress["step"]
-        progress["eval_walls"].append(
-            [progress["step"], round(progress["wall_seconds"] + time.perf_counter() - clock[0], 3)])
-        epochs_done = progress["epoch"] + progress["batch"] / stream.num_batches(progress["epoch"])
-        log.log(progress["step"], "valid", loss=loss, **figures(loss, corpus.level),
+        progress.last_eval = progress.step
+        progress.eval_walls.append([progress.step, round(run.wall(), 3)])
+        epochs_done = progress.epoch + progress.batch / stream.num_batches(progress.epoch)
+        log.log(progress.step, "valid", loss=loss, **figures(loss, corpus.level),
                 **raw_bpc(loss, result["tokens"], corpus.chars.get("valid")), epoch=round(epochs_done, 4))
         if not math.isfinite(loss):  # never a best: it counts as an evaluation without one
             if tc.on_nonfinite == "error":
                 raise NonFiniteError(
-                    f"non-finite validation loss at step {progress['step']} ({loss}): the weights "
-                    f"have diverged; last good checkpoint: {last_good()}; lower optim.lr, set "
-                    f"optim.clip, or set train.on_nonfinite=skip")
-            tqdm.write(f"warning: step {progress['step']}: non-finite validation loss ({loss}); "
+                    f"non-finite validation loss at step {progress.step} ({loss}): the weights "
+                    f"have diverged; last good checkpoint: {resume.last_good(run_dir)}; lower "
+                    f"optim.lr, set optim.clip, or set train.on_nonfinite=skip")
+            tqdm.write(f"warning: step {progress.step}: non-finite validation loss ({loss}); "
                        f"not a best", file=sys.stderr)
-        improved = stopper.update(loss)
+        improved = run.stopper.update(loss)
         if improved and ctx.main:
-            checkpoint.save({"format": checkpoint.FORMAT, "config": cfg.to_dict(),
-                             "vocab": corpus.vocab.to_dict(), "tokenizer": corpus.tokenizer.state(),
-                             "model": schedule.eval_model().state_dict(),
-                             "progress": dict(progress), "valid_loss": loss}, run_dir / "best.pt")
+            checkpoint.save(run.best(header, loss), run_dir / "best.pt")
         message = schedule.after_eval(loss)
-        base_lr = schedule.lr
-        tqdm.write(f"step {progress['step']}: valid loss {loss:.4f}, {headline(loss, corpus.level)}"
+        run.base_lr = schedule.lr
+        tqdm.write(f"step {progress.step}: valid loss {loss:.4f}, {headline(loss, corpus.level)}"
                    f"{' (best)' if improved else ''}" + (f"; {message}" if message else ""))
-        return stopper.should_stop
-
-    def last_good() -> str:
-        found = checkpoint.numbered(run_dir)
-        return str(found[-1]) if found else "none yet"
+        return run.stopper.should_stop
 
     # ---- training loop ------------------------------------------------------------------
     done = bool(ended)  # early stopping or max_steps (a resumed run may have ended, unscored)
     clip = cfg.optim.clip if cfg.optim.clip > 0 else float("inf")
     params = [p for p in model.parameters() if p.requires_grad]
+    scaler = run.scaler
     shown = {"loss": 0.0, "steps": 0}  # the progress bar's running loss (display only)
-    while progress["epoch"] < tc.epochs and not done and stop.signum is None:
-        epoch = progress["epoch"]
+    while progress.epoch < tc.epochs and not done and stop.signum is None:
+        epoch = progress.epoch
         message = schedule.start_epoch(epoch)  # optim.schedule=step: the epoch's rate
         if message:
-            base_lr = schedule.lr
+            run.base_lr = schedule.lr
             tqdm.write(message)
-        bar = tqdm(total=stream.num_batches(epoch), initial=progress["batch"], desc=f"epoch {epoch + 1}",
+        bar = tqdm(total=stream.num_batches(epoch), initial=progress.batch, desc=f"epoch {epoch + 1}",
                    disable=not tc.progress, leave=False, dynamic_ncols=True)
         tic, tokens = time.perf_counter(), 0
-        for batch in stream.batches(epoch, start=progress["batch"]):
+        for batch in stream.batches(epoch, start=progress.batch):
             step_tic = time.perf_counter()
             model.train()
             inp, target = batch.input[:, cols].to(device), batch.target[:, cols].to(device)
-            state = detach_state(state) if dc.carry_state else None
+            run.hidden = detach_state(run.hidden) if dc.carry_state else None
             with amp():
-                logits, state, (raw, dropped) = step_model(inp, state)
-                loss = cross_entropy_sum(logits, target) / target.numel()
-                total = loss
-                if tc.ar:  # AR: large activations are penalized, after output dropout (AWD-LSTM)
-                    total = total + tc.ar * dropped.float().pow(2).mean()
-                if tc.tar:  # TAR: fast-changing hidden states are penalized, before dropout
-                    total = total + tc.tar * (raw[1:] - raw[:-1]).float().pow(2).mean()
+                logits, run.hidden, (raw, dropped) = step_model(inp, run.hidden)
+                loss, total = training_loss(logits, target, raw, dropped, tc.ar, tc.tar)
             optimizer.zero_grad(set_to_none=True)
             if scaler is None:
                 total.backward()
@@ -470,55 +311,55 @@ def train(args, stop: StopSignal, ctx: distributed.Context = distributed.Context
             loss_value, grad_norm = torch.stack([loss.detach(), norm]).tolist()  # one device sync
             if ctx.enabled:  # the global batch's mean loss; a signal on any rank stops them all
                 loss_value = stop.agree(loss_value)
-            progress["batch"] += 1
-            progress["step"] += 1
-            step = progress["step"]
+            progress.batch += 1
+            progress.step += 1
+            step = progress.step
             # fp16's scaler overflowed: it skips this update and lowers the scale, as designed.
             overflow = scaler is not None and math.isfinite(loss_value)
             if not (math.isfinite(loss_value) and (math.isfinite(grad_norm) or overflow)):
                 if tc.on_nonfinite == "error":
                     raise NonFiniteError(
                         f"non-finite loss or gradient at step {step} (loss {loss_value}, grad norm "
-                        f"{grad_norm}); last good checkpoint: {last_good()}; lower optim.lr, set "
-                        f"optim.clip, or set train.on_nonfinite=skip")
-                progress["skipped"] += 1
+                        f"{grad_norm}); last good checkpoint: {resume.last_good(run_dir)}; lower "
+                        f"optim.lr, set optim.clip, or set train.on_nonfinite=skip")
+                progress.skipped += 1
                 optimizer.zero_grad(set_to_none=True)
-                state = None  # the carried state may hold the same non-finite values
+                run.hidden = None  # the carried state may hold the same non-finite values
                 tqdm.write(f"warning: step {step} skipped: non-finite loss or gradient "
-                           f"({progress['skipped']} skipped so far)", file=sys.stderr)
+                           f"({progress.skipped} skipped so far)", file=sys.stderr)
             else:
                 for group in optimizer.param_groups:  # variable BPTT: lr scaled by length
-                    group["lr"] = base_lr * batch.lr_scale
+                    group["lr"] = run.base_lr * batch.lr_scale
                 if scaler is None:
                     optimizer.step()
                 else:
                     scaler.step(optimizer)
                     scaler.update()
                 for group in optimizer.param_groups:
-                    group["lr"] = base_lr
+                    group["lr"] = run.base_lr
                 schedule.after_step()
-                progress["window_loss"] += loss_value
-                progress["window_steps"] += 1
+                progress.window_loss += loss_value
+                progress.window_steps += 1
                 # Running mean of the losses so far, an average over about log_every steps
                 # once there are that many: shown from the first step, with no extra sync.
                 shown["steps"] += 1
                 shown["loss"] += (loss_value - shown["loss"]) / min(shown["steps"], tc.log_every)
             tokens += target.numel() * ctx.world
-            progress["tokens_seen"] += target.numel() * ctx.world
-            progress["step_seconds"] += time.perf_counter() - step_tic
+            progress.tokens_seen += target.numel() * ctx.world
+            progress.step_seconds += time.perf_counter() - step_tic
             if tc.progress and shown["steps"]:
                 rate = tokens / max(time.perf_counter() - tic, 1e-9)
                 bar.set_postfix_str(f"loss {shown['loss']:.3f} {headline(shown['loss'], corpus.level)} "
-                                    f"lr {base_lr:.3g} {rate:,.0f} tok/s", refresh=False)
+                                    f"lr {run.base_lr:.3g} {rate:,.0f} tok/s", refresh=False)
             bar.update(1)  # redraws at most every 0.1 s (tqdm's mininterval), new figures included
             if tc.progress and shown["steps"] == 1:
                 bar.refresh()  # the first step's figures at once
 
-            if step % tc.log_every == 0 and progress["window_steps"]:
-                mean = progress["window_loss"] / progress["window_steps"]
-                progress["window_loss"], progress["window_steps"] = 0.0, 0
-                log.log(step, "train", loss=mean, **figures(mean, corpus.level), lr=base_lr,
-                        grad_norm=grad_norm, skipped=progress["skipped"])
+            if step % tc.log_every == 0 and progress.window_steps:
+                mean = progress.window_loss / progress.window_steps
+                progress.window_loss, progress.window_steps = 0.0, 0
+                log.log(step, "train", loss=mean, **figures(mean, corpus.level), lr=run.base_lr,
+                        grad_norm=grad_norm, skipped=progress.skipped)
                 rate = tokens / max(time.perf_counter() - tic, 1e-9)
                 log.scalars(step, "train", tokens_per_s=rate)
             if tc.eval_every and step % tc.eval_every == 0:
@@ -533,33 +374,33 @@ def train(args, stop: StopSignal, ctx: distributed.Context = distributed.Context
         bar.close()
         if stop.signum is not None:
             break
-        if progress["batch"] >= stream.num_batches(epoch):  # the epoch ran to its end
-            progress["epoch"], progress["batch"], state = epoch + 1, 0, None
+        if progress.batch >= stream.num_batches(epoch):  # the epoch ran to its end
+            progress.epoch, progress.batch, run.hidden = epoch + 1, 0, None
             if not tc.eval_every:
                 done = validate() or done
             if not tc.checkpoint_every:
                 save_checkpoint()
 
     if stop.signum is not None:
-        if progress["last_ckpt"] != progress["step"]:
+        if progress.last_ckpt != progress.step:
             save_checkpoint()
         log.close()
         name = signal.Signals(stop.signum).name
-        print(f"{name} received: stopped after step {progress['step']}; checkpoint saved to "
+        print(f"{name} received: stopped after step {progress.step}; checkpoint saved to "
               f"{run_dir / 'last.pt'}. Resume with: {resume_cmd}")
         return 0
 
     # ---- the end: final validation if the last steps were not scored, then test ---------
-    if progress["last_eval"] != progress["step"]:
+    if progress.last_eval != progress.step:
         validate()
-    if progress["last_ckpt"] != progress["step"]:
+    if progress.last_ckpt != progress.step:
         save_checkpoint()
     if ctx.enabled:
         distributed.barrier()  # rank 0 has written best.pt before anyone reads it
     if not (run_dir / "best.pt").is_file():
         raise NonFiniteError(f"no validation of {run_dir} had a finite loss, so there is no best.pt "
-                             f"to score; the last checkpoint {last_good()} is kept; lower optim.lr "
-                             f"or set optim.clip and start a new run")
+                             f"to score; the last checkpoint {resume.last_good(run_dir)} is kept; "
+                             f"lower optim.lr or set optim.clip and start a new run")
     best = checkpoint.load(run_dir / "best.pt", map_location=device)
     checkpoint.load_model_state(model, best["model"], run_dir / "best.pt")
     results = {}
@@ -568,12 +409,12 @@ def train(args, stop: StopSignal, ctx: distributed.Context = distributed.Context
             r = evaluate(model, corpus.split(split), batch_size=dc.eval_batch_size, bptt=eval_bptt,
                          bos_id=corpus.vocab.eos_id, device=device, ctx=ctx, warmup=warmup)
         results[split] = r
-        log.log(progress["step"], split, loss=r["loss"], tokens=r["tokens"], best=True,
+        log.log(progress.step, split, loss=r["loss"], tokens=r["tokens"], best=True,
                 **figures(r["loss"], corpus.level),
                 **raw_bpc(r["loss"], r["tokens"], corpus.chars.get(split)))
     record_time()
     log.close()
-    print(f"done after {progress['step']} steps. best checkpoint {run_dir / 'best.pt'}: "
+    print(f"done after {progress.step} steps. best checkpoint {run_dir / 'best.pt'}: "
           f"valid {headline(results['valid']['loss'], corpus.level)}, "
           f"test {headline(results['test']['loss'], corpus.level)} "
           f"({results['test']['tokens']:,} test tokens)")

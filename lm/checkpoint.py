@@ -33,9 +33,8 @@ from lm import fileio
 from lm.errors import CheckpointError
 
 FORMAT = 1
-# What every checkpoint holds, and what a training checkpoint adds for --resume.
+# What every checkpoint holds (a training checkpoint's further keys: lm.training_state.KEYS).
 REQUIRED = {"format", "config", "vocab", "model"}
-TRAINING = REQUIRED | {"optimizer", "schedule", "early_stopping", "progress", "base_lr", "rng", "hidden"}
 CKPT_RE = re.compile(r"^ckpt-(\d{8})\.pt$")
 
 
@@ -252,8 +251,9 @@ def resumable(run_dir: Path) -> list:
     return whole
 
 
-def load_latest(run_dir: Path, warn=print) -> tuple[dict, Path]:
-    """The newest checkpoint of a run that loads, trying last.pt, then ckpt-*.pt newest first."""
+def load_latest(run_dir: Path, needs=frozenset(), warn=print) -> tuple[dict, Path]:
+    """The newest checkpoint of a run that loads and holds the keys ``needs``, trying last.pt,
+    then ckpt-*.pt newest first."""
     candidates = _checkpoint_files(run_dir)  # every one: each unreadable file gets its warning
     if not candidates and (run_dir / "best.pt").is_file():
         raise CheckpointError(stopped_before_first_checkpoint(run_dir))
@@ -268,8 +268,8 @@ def load_latest(run_dir: Path, warn=print) -> tuple[dict, Path]:
             warn(f"warning: {exc}; trying an older checkpoint")
             tried.append(path.name)
             continue
-        if not TRAINING <= obj.keys():
-            warn(f"warning: {path} lacks the training state ({', '.join(sorted(TRAINING - obj.keys()))}); "
+        if not needs <= obj.keys():
+            warn(f"warning: {path} lacks the training state ({', '.join(sorted(needs - obj.keys()))}); "
                  f"trying an older checkpoint")
             tried.append(path.name)
             continue

@@ -182,3 +182,20 @@ def cross_entropy_sum(logits: torch.Tensor, target: torch.Tensor, mask=None) -> 
         loss = loss * mask.reshape(-1).to(loss.dtype)
     return loss.sum()
 
+
+
+def training_loss(logits, target, raw, dropped, ar: float = 0.0, tar: float = 0.0):
+    """The mean cross-entropy per token, and the objective the step minimises:
+
+        total = loss + ar · mean(dropped²) + tar · mean((raw[t] − raw[t−1])²)
+
+    AR penalises large activations after the output dropout, TAR fast-changing hidden states
+    before it (Merity et al.'s AWD-LSTM); ``raw`` and ``dropped`` are the model's last-layer
+    outputs. Returns ``(loss, total)``: the loss is what the run logs."""
+    loss = cross_entropy_sum(logits, target) / target.numel()
+    total = loss
+    if ar:
+        total = total + ar * dropped.float().pow(2).mean()
+    if tar:
+        total = total + tar * (raw[1:] - raw[:-1]).float().pow(2).mean()
+    return loss, total

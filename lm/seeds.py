@@ -12,3 +12,14 @@ def derived_seed(*parts) -> int:
     text = ":".join(str(int(p)) if isinstance(p, (int, bool)) else str(p) for p in parts)
     digest = hashlib.sha256(text.encode()).digest()
     return int.from_bytes(digest[:8], "little") & ((1 << 63) - 1)
+
+
+def seed_everything(seed: int) -> None:
+    """Seed Python's, NumPy's and torch's generators (NumPy takes 32 bits)."""
+    import random
+
+    import numpy as np
+    import torch
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)

@@ -236,14 +236,15 @@ def test_failing_write_stops_with_a_message_and_keeps_the_previous_checkpoint(ti
 
 
 def nan_at(monkeypatch, step):
-    calls, real = {"n": 0}, train_script.cross_entropy_sum
+    calls, real = {"n": 0}, train_script.training_loss
 
-    def poisoned(logits, target, mask=None):
-        loss = real(logits, target, mask)
+    def poisoned(*args):
+        loss, total = real(*args)
         calls["n"] += 1
-        return loss * float("nan") if calls["n"] == step else loss
+        bad = float("nan") if calls["n"] == step else 1.0
+        return loss * bad, total * bad
 
-    monkeypatch.setattr(train_script, "cross_entropy_sum", poisoned)
+    monkeypatch.setattr(train_script, "training_loss", poisoned)
 
 
 def test_nonfinite_loss_is_an_error_naming_the_step_and_checkpoint(tiny_ptb, tmp_path, monkeypatch, capsys):

@@ -6,6 +6,7 @@ import pytest
 import torch
 
 import train as train_script
+from lm.signals import StopNow, StopSignal
 from conftest import run_cli, tiny_overrides
 from lm import checkpoint
 from lm.model import LanguageModel
@@ -261,16 +262,16 @@ def test_a_second_signal_waits_for_a_checkpoint_write(capsys):
     once, except inside ``deferred()`` (a checkpoint being written), which it waits for."""
     import signal
 
-    stop = train_script.StopSignal()
+    stop = StopSignal()
     stop(signal.SIGINT, None)
     assert stop.signum == signal.SIGINT
     assert "SIGINT received: stopping after the current step" in capsys.readouterr().err
-    with pytest.raises(train_script.StopNow) as e:
+    with pytest.raises(StopNow) as e:
         with stop.deferred():
             stop(signal.SIGINT, None)  # does not raise here: the write goes on
             written = True
     assert written and e.value.signum == signal.SIGINT
-    with pytest.raises(train_script.StopNow):
+    with pytest.raises(StopNow):
         stop(signal.SIGTERM, None)  # outside a write: at once
 
 

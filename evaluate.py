@@ -7,15 +7,15 @@
 The model, its config and its tokenizer (vocabulary, or sentencepiece model) all come from
 the checkpoint, so the ids are the training run's; the corpus is the run's ``data.source``.
 Besides the per-token figure, ``bpc_raw`` is bits per character of the split's raw text, one
-scale for every tokenizer (:func:`lm.evaluation.raw_bpc`). ``--batch-size 1`` scores the
+scale for every tokenizer (:func:`flipout_lstm.evaluation.raw_bpc`). ``--batch-size 1`` scores the
 split as one unbroken stream with the state carried (the exact figure); the default, the
 recipe's ``data.eval_batch_size`` columns each warmed up on the ``data.eval_warmup`` tokens
-before their start (``--warmup``), comes to the same figure much faster (lm.data.EvalStream).
+before their start (``--warmup``), comes to the same figure much faster (flipout_lstm.data.EvalStream).
 ``--reset-every N`` zeroes the state every N tokens instead: with N the training window it
 scores a character run in the condition it was trained in. Ctrl-C stops with exit status 130.
 ``--mc-samples K`` adds the Monte Carlo figure beside the deterministic one: the model's noise
 (dropout, weight noise, zoneout) on, each token's probability averaged over K draws
-(:func:`lm.evaluation.evaluate_mc`); ``--seed`` fixes the draws.
+(:func:`flipout_lstm.evaluation.evaluate_mc`); ``--seed`` fixes the draws.
 """
 from __future__ import annotations
 
@@ -25,14 +25,14 @@ import sys
 
 import torch
 
-from lm import precision, scores
-from lm.config import resolve_device
-from lm.data import open_corpus
-from lm.data.ptb import for_command
-from lm.errors import DataError, UserError
-from lm.evaluation import eval_warmup, evaluate, evaluate_mc, raw_bpc
-from lm.scores import figures
-from lm.trained import load_trained
+from flipout_lstm import precision, scores
+from flipout_lstm.config import resolve_device
+from flipout_lstm.data import open_corpus
+from flipout_lstm.data.ptb import for_command
+from flipout_lstm.errors import DataError, UserError
+from flipout_lstm.evaluation import eval_warmup, evaluate, evaluate_mc, raw_bpc
+from flipout_lstm.scores import figures
+from flipout_lstm.trained import load_trained
 
 
 def parse_args(argv):

@@ -5,7 +5,7 @@
 Overrides are ``key=value`` with YAML values, e.g. ``batch_sizes=[1,2,4,8] repeats=20
 estimates=3 checkpoint=null model.hidden_size=64``. Prints a markdown table (batch size,
 gate, shared and flipout variance with 95% CIs, their ratio) and the fitted log-log slopes,
-and writes results.json, results.csv and variance.png (the figure) into ``out_dir``. See lm/grad_variance.py for the
+and writes results.json, results.csv and variance.png (the figure) into ``out_dir``. See flipout_lstm/grad_variance.py for the
 method and recipes/grad_variance.yaml for the paper's settings and a reduced CPU run.
 """
 from __future__ import annotations
@@ -13,7 +13,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from lm.errors import UserError
+from flipout_lstm.errors import UserError
 
 
 def parse_args(argv):
@@ -28,7 +28,7 @@ def parse_args(argv):
 def main(argv=None) -> int:
     args = parse_args(argv)
     try:
-        from lm import grad_variance as gv
+        from flipout_lstm import grad_variance as gv
 
         cfg = gv.load_config(args.recipe, args.overrides)
         result = gv.run(cfg, quiet=args.quiet)

@@ -7,10 +7,10 @@ The loop below reads top to bottom: config, data, model, optimizer and schedule,
 then epochs of truncated-BPTT steps with periodic evaluation and checkpoints, and at the end
 the best weights scored on the test split. SIGINT/SIGTERM finish the current step, save a
 checkpoint and exit 0 (a second one stops at once, exit 128+N, the newest checkpoint whole);
-one process at a time holds a run directory (lm/runlock.py); ``--resume`` continues from the
+one process at a time holds a run directory (flipout_lstm/runlock.py); ``--resume`` continues from the
 newest good checkpoint exactly (on CPU the resumed run's losses equal an uninterrupted run's,
 step for step). Under torchrun the same
-loop runs in every process, each on its share of the global batch (see lm/distributed.py).
+loop runs in every process, each on its share of the global batch (see flipout_lstm/distributed.py).
 """
 from __future__ import annotations
 
@@ -27,18 +27,18 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from lm import checkpoint, distributed, fileio, precision, resume, runlock, training_state
-from lm.config import Config, load_config, resolve_device
-from lm.data import TrainStream, open_corpus
-from lm.errors import UserError
-from lm.evaluation import eval_warmup, evaluate, raw_bpc
-from lm.metrics import MetricsLog, NullLog, provenance, write_run_summary
-from lm.model import Columns, LanguageModel, detach_state, training_loss
-from lm.optim import EarlyStopping, Schedule, build_optimizer
-from lm.scores import figures, headline
-from lm.seeds import seed_everything
-from lm.signals import StopNow, StopSignal
-from lm.training_state import TrainingState, as_cpu
+from flipout_lstm import checkpoint, distributed, fileio, precision, resume, runlock, training_state
+from flipout_lstm.config import Config, load_config, resolve_device
+from flipout_lstm.data import TrainStream, open_corpus
+from flipout_lstm.errors import UserError
+from flipout_lstm.evaluation import eval_warmup, evaluate, raw_bpc
+from flipout_lstm.metrics import MetricsLog, NullLog, provenance, write_run_summary
+from flipout_lstm.model import Columns, LanguageModel, detach_state, training_loss
+from flipout_lstm.optim import EarlyStopping, Schedule, build_optimizer
+from flipout_lstm.scores import figures, headline
+from flipout_lstm.seeds import seed_everything
+from flipout_lstm.signals import StopNow, StopSignal
+from flipout_lstm.training_state import TrainingState, as_cpu
 
 # Vocabulary sizes of Mikolov's PTB, so that --dry-run can count parameters without the data.
 PTB_VOCAB_SIZE = {"word": 10_000, "char": 50}
@@ -166,7 +166,7 @@ def train(args, stop: StopSignal, ctx: distributed.Context = distributed.Context
     stream = TrainStream(train_data, dc.batch_size, dc.bptt, variable_bptt=dc.variable_bptt,
                          shuffle=dc.shuffle, seed=tc.seed)
     eval_bptt = dc.eval_bptt or dc.bptt
-    warmup = eval_warmup(dc)  # batched scores that match batch size 1 (lm.data.EvalStream)
+    warmup = eval_warmup(dc)  # batched scores that match batch size 1 (flipout_lstm.data.EvalStream)
 
     # ---- model, optimizer, schedule -----------------------------------------------------
     model = LanguageModel(cfg.model, len(corpus.vocab)).to(device)
@@ -214,7 +214,7 @@ def train(args, stop: StopSignal, ctx: distributed.Context = distributed.Context
     print(f"run {run_dir}: {corpus.description}, {model.num_parameters():,} parameters, "
           f"{stream.num_batches(progress.epoch)} batches/epoch, device {device}"
           + (f", {ctx.world} processes of {dc.batch_size // ctx.world} columns" if ctx.enabled else ""))
-    # What every checkpoint of the run holds besides the training state (lm.training_state).
+    # What every checkpoint of the run holds besides the training state (flipout_lstm.training_state).
     header = {"format": checkpoint.FORMAT, "config": cfg.to_dict(), "vocab": corpus.vocab.to_dict(),
               "tokenizer": corpus.tokenizer.state()}
 
@@ -225,7 +225,7 @@ def train(args, stop: StopSignal, ctx: distributed.Context = distributed.Context
             write_run_summary(run_dir, dataclasses.asdict(progress), model.num_parameters(),
                               stream.num_batches(progress.epoch))
 
-    record_time()  # run.json from the start: lm.sweep reads the epoch's size there
+    record_time()  # run.json from the start: flipout_lstm.sweep reads the epoch's size there
 
     def save_checkpoint() -> None:
         with signals.deferred():  # a second Ctrl-C waits for the write: the newest one is whole

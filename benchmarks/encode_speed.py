@@ -6,7 +6,7 @@
 Writes a synthetic text file of ``--mb`` megabytes (words drawn from a Zipf-like
 distribution over a 50k-word vocabulary, 5 to 40 words per line; ASCII, so 1 MB = 10^6
 characters), then for each tokenizer builds it on the file (the word vocabulary, or a
-sentencepiece model, which is not timed) and times :meth:`lm.data.cache.Cache.encoded`
+sentencepiece model, which is not timed) and times :meth:`flipout_lstm.data.cache.Cache.encoded`
 writing the ids to a fresh cache folder, and then reading them back from the cache (the
 second run's cost). sentencepiece is trained on the first ``--sp-lines`` lines only (training
 is not what is measured). Prints a markdown table: seconds, MB/s, millions of tokens per
@@ -28,9 +28,9 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from lm.data.cache import Cache  # noqa: E402
-from lm.data.sources import TextFileSplit  # noqa: E402
-from lm.data.tokenizers import build_vocab, make_tokenizer, train_sentencepiece  # noqa: E402
+from flipout_lstm.data.cache import Cache  # noqa: E402
+from flipout_lstm.data.sources import TextFileSplit  # noqa: E402
+from flipout_lstm.data.tokenizers import build_vocab, make_tokenizer, train_sentencepiece  # noqa: E402
 
 
 def write_corpus(path: Path, megabytes: float, seed: int = 0) -> int:

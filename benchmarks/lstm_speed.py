@@ -1,4 +1,4 @@
-"""Speed of ``lm.nn.LSTM``'s variants relative to ``torch.nn.LSTM``, in one process.
+"""Speed of ``flipout_lstm.nn.LSTM``'s variants relative to ``torch.nn.LSTM``, in one process.
 
     python benchmarks/lstm_speed.py [--shape char|word|both] [--repeats N] [--quick]
                                     [--no-independent] [--threads N] [--clock wall|cpu]
@@ -9,7 +9,7 @@ AMX; threads; ``MKL_ENABLE_INSTRUCTIONS`` / ``ONEDNN_MAX_CPU_ISA`` / ``LM_FUSED_
 ``LM_LSTM_WORKSPACE`` if set), then one markdown table per shape: forward+backward time of
 each variant (eval: forward only, against ``torch.nn.LSTM``'s eval forward), its ratio to
 ``torch.nn.LSTM``, the target ratio, pass/fail and the kernels the custom recurrence used
-(its products by ``lm.nn.products``' fixed rule and its cell; "oneDNN" where the variant
+(its products by ``flipout_lstm.nn.products``' fixed rule and its cell; "oneDNN" where the variant
 runs torch's fused kernel). After a warm-up, each repeat times the variant and ``torch.nn.LSTM``
 back to back (alternating which goes first); the table shows the median time and the median
 of the per-repeat ratios, so load from other processes on a shared machine mostly cancels.
@@ -28,7 +28,7 @@ latter is timed once, it is slow.
 ``--device cuda`` builds the models and inputs on the GPU and synchronizes before and after
 each timed call (the bayesian-torch row, CPU-bound and memory-hungry, is skipped there;
 ``--clock cpu`` is refused, the GPU's time is not this process's CPU time). ``--precision``
-runs every timed call, ``torch.nn.LSTM``'s included, under :func:`lm.precision.autocast`
+runs every timed call, ``torch.nn.LSTM``'s included, under :func:`flipout_lstm.precision.autocast`
 (``bf16``: only where bfloat16 is native, ``fp16``: CUDA only, as ``train.precision``); the
 GEMM floor's operands are then in that dtype. The default, ``cpu`` and ``fp32``, is the
 float32 benchmark the targets were set on.
@@ -47,11 +47,11 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from lm import precision as lm_precision  # noqa: E402
-from lm.config import resolve_device  # noqa: E402
-from lm.errors import ConfigError  # noqa: E402
-from lm.nn import LSTM  # noqa: E402
-from lm.nn import fused_cell, products, recurrence  # noqa: E402
+from flipout_lstm import precision as lm_precision  # noqa: E402
+from flipout_lstm.config import resolve_device  # noqa: E402
+from flipout_lstm.errors import ConfigError  # noqa: E402
+from flipout_lstm.nn import LSTM  # noqa: E402
+from flipout_lstm.nn import fused_cell, products, recurrence  # noqa: E402
 
 SHAPES = {
     # name: (batch, steps, input, hidden, layers, index_input)
@@ -217,7 +217,7 @@ def _product_floor(shape, dtype=torch.float32):
     the backward pair ``(δa, δa∘r) (W̄, ΔŴ)``, then the weight gradients of the pair over all
     steps. Two kernel families, the faster one counts: torch's ``mm`` / ``bmm`` (MKL on the
     CPU; the per-step pairs as one ``bmm`` or two ``mm``, whichever is faster), and the
-    layer's own rule (:mod:`lm.nn.products`: oneDNN on the CPU). No cell, no noise, no
+    layer's own rule (:mod:`flipout_lstm.nn.products`: oneDNN on the CPU). No cell, no noise, no
     autograd: a lower bound for any implementation built on these kernels (the character
     shape's first layer even counts the input products that its one-hot lookup avoids), so
     its ratio to ``torch.nn.LSTM`` says how far below it the flipout target can be met.
@@ -276,7 +276,7 @@ def _product_floor(shape, dtype=torch.float32):
             products.tmm(ds[0], layer_in[l])
 
     kind = products.kernel_name(x.device, x.dtype)
-    families = {"torch mm/bmm": torch_mm, f"lm.nn.products ({kind})": rule}
+    families = {"torch mm/bmm": torch_mm, f"flipout_lstm.nn.products ({kind})": rule}
     best = min(families, key=lambda n: min(_time(families[n]) for _ in range(2)))
     return families[best], best
 
@@ -476,7 +476,7 @@ def main(argv=None):
 
 
 def _parse_device(name: str) -> torch.device:
-    """``--device`` as a torch.device, by the trainer's own rule (lm.config.resolve_device)."""
+    """``--device`` as a torch.device, by the trainer's own rule (flipout_lstm.config.resolve_device)."""
     try:
         device = resolve_device(name)
     except ConfigError as exc:

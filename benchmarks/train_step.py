@@ -18,7 +18,7 @@ process, on the CPU (``train.device=cpu``):
   logging.
 * **bare**: the same model, optimizer and batches with nothing around them:
   ``forward; loss; zero_grad; backward; clip; step``, the forward and the loss under
-  :func:`lm.precision.autocast` as in ``train.py``.
+  :func:`flipout_lstm.precision.autocast` as in ``train.py``.
 
 The table gives the median step of each after the warm-up and the overhead
 ``train / bare - 1`` (target <= 5%), and the same from the fastest step of each, which on a
@@ -47,12 +47,12 @@ from torch.optim.optimizer import register_optimizer_step_post_hook
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 import train as train_script  # noqa: E402
-from lm import precision as lm_precision  # noqa: E402
-from lm.config import load_config  # noqa: E402
-from lm.errors import ConfigError  # noqa: E402
-from lm.data import TrainStream, open_corpus  # noqa: E402
-from lm.model import LanguageModel, cross_entropy_sum, detach_state  # noqa: E402
-from lm.optim import build_optimizer  # noqa: E402
+from flipout_lstm import precision as lm_precision  # noqa: E402
+from flipout_lstm.config import load_config  # noqa: E402
+from flipout_lstm.errors import ConfigError  # noqa: E402
+from flipout_lstm.data import TrainStream, open_corpus  # noqa: E402
+from flipout_lstm.model import LanguageModel, cross_entropy_sum, detach_state  # noqa: E402
+from flipout_lstm.optim import build_optimizer  # noqa: E402
 
 sys.path.insert(0, str(REPO / "benchmarks"))
 from lstm_speed import machine  # noqa: E402

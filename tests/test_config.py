@@ -3,9 +3,9 @@
 import pytest
 
 from conftest import REPO, run_cli
-from lm.config import load_config
-from lm.errors import ConfigError
-from lm.model import LanguageModel
+from flipout_lstm.config import load_config
+from flipout_lstm.errors import ConfigError
+from flipout_lstm.model import LanguageModel
 
 RECIPES = sorted((REPO / "recipes").glob("*.yaml"))
 TRAIN_RECIPES = [p for p in RECIPES if p.stem != "grad_variance"]

@@ -9,15 +9,15 @@ import torch
 
 import train as train_script
 from conftest import REPO, run_cli
-from lm.config import load_config
-from lm.data import load_corpus, open_corpus, prepare_ptb
-from lm.data import cache as cache_module
-from lm.data import corpus as corpus_module
-from lm.data.sources import TextFileSplit, row_lines
-from lm.data.tokenizers import build_vocab, make_tokenizer, train_sentencepiece
-from lm.errors import ConfigError, DataError
-from lm.evaluation import raw_bpc
-from lm.model import LanguageModel
+from flipout_lstm.config import load_config
+from flipout_lstm.data import load_corpus, open_corpus, prepare_ptb
+from flipout_lstm.data import cache as cache_module
+from flipout_lstm.data import corpus as corpus_module
+from flipout_lstm.data.sources import TextFileSplit, row_lines
+from flipout_lstm.data.tokenizers import build_vocab, make_tokenizer, train_sentencepiece
+from flipout_lstm.errors import ConfigError, DataError
+from flipout_lstm.evaluation import raw_bpc
+from flipout_lstm.model import LanguageModel
 
 WORDS = ["the", "a", "cat", "dog", "sat", "on", "mat", "ran", "and", "big", "Über", "café,", "quickly",
          "slowly", "over", "under", "yesterday", "jumped", "green", "house", "river", "of", "to", "(", ")"]
@@ -43,7 +43,7 @@ def file_lines(path):
 
 
 def raw_chars(path):
-    """Each line's characters plus one for its end (the definition in lm.data.cache)."""
+    """Each line's characters plus one for its end (the definition in flipout_lstm.data.cache)."""
     return sum(len(line) + 1 for line in file_lines(path))
 
 
@@ -300,9 +300,9 @@ def test_metrics_record_bpc_raw_for_ptb(tiny_ptb, tmp_path):
 def test_one_field_decides_the_kind_of_token(recipe, level):
     """data.level alone: the WikiText word and sentencepiece recipes get the word-level warm-up
     and metric, not the character defaults (they once resolved as level char)."""
-    from lm.data.tokenizers import tokenizer_kind
-    from lm.evaluation import DEFAULT_WARMUP, eval_warmup
-    from lm.scores import metric
+    from flipout_lstm.data.tokenizers import tokenizer_kind
+    from flipout_lstm.evaluation import DEFAULT_WARMUP, eval_warmup
+    from flipout_lstm.scores import metric
 
     cfg = load_config(REPO / "recipes" / f"{recipe}.yaml")
     assert cfg.data.level == level
@@ -315,7 +315,7 @@ def test_one_field_decides_the_kind_of_token(recipe, level):
                                               ("char", "char"), (None, "char")])
 def test_checkpoints_written_with_data_tokenizer_still_load(tokenizer, level):
     """Configs saved before data.level became the one field carry data.tokenizer."""
-    from lm.config import Config, config_from_dict
+    from flipout_lstm.config import Config, config_from_dict
 
     raw = Config().to_dict()
     raw["data"]["tokenizer"] = tokenizer

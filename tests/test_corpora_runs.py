@@ -9,11 +9,11 @@ import torch
 import evaluate as evaluate_script
 import train as train_script
 from conftest import REPO, tiny_overrides
-from lm import checkpoint
-from lm import sample as sample_script
-from lm.config import config_from_dict
-from lm.data import tokenizer_from_checkpoint
-from lm.model import LanguageModel
+from flipout_lstm import checkpoint
+from flipout_lstm import sample as sample_script
+from flipout_lstm.config import config_from_dict
+from flipout_lstm.data import tokenizer_from_checkpoint
+from flipout_lstm.model import LanguageModel
 from test_corpora import raw_chars, save_dataset_dict, text_overrides, write_text_corpus
 
 RUN_SETTINGS = {"data.batch_size": 4, "data.bptt": 10, "data.eval_batch_size": 4,
@@ -166,7 +166,7 @@ def test_sample_argument_errors(sp_run, capsys, args, message):
 
 
 def test_sample_device_defaults_to_auto_as_in_training(sp_run, capsys, monkeypatch):
-    """train.device's default is auto (CUDA when present); lm.sample's was cpu."""
+    """train.device's default is auto (CUDA when present); flipout_lstm.sample's was cpu."""
     asked, real = [], sample_script.resolve_device
     monkeypatch.setattr(sample_script, "resolve_device", lambda name: asked.append(name) or real(name))
     code, out, _ = sample(capsys, sp_run["run"] / "best.pt", "--tokens", 3)

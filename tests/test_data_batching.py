@@ -4,8 +4,8 @@ import math
 import pytest
 import torch
 
-from lm.data import Batch, EvalBatch, EvalStream, TrainStream
-from lm.errors import ConfigError, DataError
+from flipout_lstm.data import Batch, EvalBatch, EvalStream, TrainStream
+from flipout_lstm.errors import ConfigError, DataError
 
 
 def stream(n=1000):
@@ -160,7 +160,7 @@ def test_eval_empty():
 
 
 def test_word_corpus_batches(ptb_root):
-    from lm.data import load_corpus
+    from flipout_lstm.data import load_corpus
 
     c = load_corpus("word", ptb_root)
     ts = TrainStream(c.train, 20, 35)

@@ -1,7 +1,7 @@
 """The character view of PTB must reproduce Mikolov's ptb.char.*.txt byte for byte."""
 import pytest
 
-from lm.data import char_corpus_text, word_line_to_chars
+from flipout_lstm.data import char_corpus_text, word_line_to_chars
 
 
 def test_word_line_to_chars():

@@ -4,8 +4,8 @@ import time
 import pytest
 import torch
 
-from lm.data import Corpus, load_corpus
-from lm.errors import ConfigError, DataError
+from flipout_lstm.data import Corpus, load_corpus
+from flipout_lstm.errors import ConfigError, DataError
 
 
 @pytest.fixture(scope="module")

@@ -9,9 +9,9 @@ from pathlib import Path
 
 import pytest
 
-from lm.data import PTB_SHA256, PTB_URL, prepare_ptb
-from lm.data.ptb import read_split_text, resolve_root
-from lm.errors import DataError, UserError
+from flipout_lstm.data import PTB_SHA256, PTB_URL, prepare_ptb
+from flipout_lstm.data.ptb import read_split_text, resolve_root
+from flipout_lstm.errors import DataError, UserError
 
 NAMES = ["ptb.train.txt", "ptb.valid.txt", "ptb.test.txt"]
 SYNTH = {

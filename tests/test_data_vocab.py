@@ -4,8 +4,8 @@ import json
 import pytest
 import torch
 
-from lm.data import Vocab
-from lm.errors import DataError
+from flipout_lstm.data import Vocab
+from flipout_lstm.errors import DataError
 
 
 def test_build_order_and_properties():

@@ -16,7 +16,7 @@ import torch
 
 import train as train_script
 from conftest import REPO, tiny_overrides, write_tiny_ptb
-from lm import checkpoint, distributed
+from flipout_lstm import checkpoint, distributed
 from test_reliability import wait_for_steps
 
 # One thread per process (tiny models run fastest so); a crash prints its stack.

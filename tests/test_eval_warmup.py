@@ -1,6 +1,6 @@
 """Batched evaluation with warm-up scores what batch size 1 does; resets every N tokens.
 
-The layout (lm.data.EvalStream) is checked token by token; the agreement with batch size 1 on
+The layout (flipout_lstm.data.EvalStream) is checked token by token; the agreement with batch size 1 on
 small character and word models trained here, on synthetic corpora with strong structure, until
 they use their context.
 """
@@ -9,11 +9,11 @@ import math
 import pytest
 import torch
 
-from lm.config import ModelConfig, load_config
-from lm.data import EvalStream
-from lm.errors import ConfigError
-from lm.evaluation import DEFAULT_WARMUP, eval_warmup, evaluate
-from lm.model import LanguageModel, cross_entropy_sum
+from flipout_lstm.config import ModelConfig, load_config
+from flipout_lstm.data import EvalStream
+from flipout_lstm.errors import ConfigError
+from flipout_lstm.evaluation import DEFAULT_WARMUP, eval_warmup, evaluate
+from flipout_lstm.model import LanguageModel, cross_entropy_sum
 
 CPU = torch.device("cpu")
 

@@ -11,8 +11,8 @@ import torch
 import evaluate as evaluate_script
 import train as train_script
 from conftest import REPO, run_cli, tiny_overrides
-from lm.config import config_from_dict
-from lm.evaluation import eval_warmup
+from flipout_lstm.config import config_from_dict
+from flipout_lstm.evaluation import eval_warmup
 
 
 @pytest.fixture(autouse=True)

@@ -13,9 +13,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from lm import checkpoint
-from lm import grad_variance as gv
-from lm.errors import ConfigError
+from flipout_lstm import checkpoint
+from flipout_lstm import grad_variance as gv
+from flipout_lstm.errors import ConfigError
 
 REPO = Path(__file__).resolve().parent.parent
 TINY_MODEL = {"embedding_size": 16, "hidden_size": 16, "num_layers": 1}
@@ -82,8 +82,8 @@ def test_experiment_model_has_only_the_weight_noise():
 
 def _tiny_models(tiny_ptb, layers=2):
     model_cfg = gv.ModelConfig(**{**TINY_MODEL, "num_layers": layers})
-    from lm.data import load_corpus
-    from lm.model import LanguageModel
+    from flipout_lstm.data import load_corpus
+    from flipout_lstm.model import LanguageModel
     corpus = load_corpus("word", tiny_ptb)
     state = LanguageModel(model_cfg, len(corpus.vocab)).state_dict()
     models = gv.build_models(model_cfg, state, len(corpus.vocab), 1.0, torch.device("cpu"))
@@ -246,9 +246,9 @@ def test_cli_writes_results_and_prints_table(tiny_ptb, tmp_path):
 
 
 def test_cli_reads_a_checkpoint(tiny_ptb, tmp_path):
-    from lm.config import Config, ModelConfig
-    from lm.data import load_corpus
-    from lm.model import LanguageModel
+    from flipout_lstm.config import Config, ModelConfig
+    from flipout_lstm.data import load_corpus
+    from flipout_lstm.model import LanguageModel
     corpus = load_corpus("word", tiny_ptb)
     cfg = Config()
     cfg.data.level, cfg.data.root = "word", str(tiny_ptb)

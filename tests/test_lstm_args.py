@@ -2,9 +2,9 @@
 import pytest
 import torch
 
-from lm.errors import UserError
-from lm.nn import LSTM
-from lm.nn.lstm import LSTMArgumentError
+from flipout_lstm.errors import UserError
+from flipout_lstm.nn import LSTM
+from flipout_lstm.nn.lstm import LSTMArgumentError
 
 
 @pytest.mark.parametrize("name", ["dropout", "weight_drop", "input_weight_drop", "hidden_dropout",
@@ -41,11 +41,11 @@ def test_drop_and_noise_on_one_matrix():
 
 
 def test_the_config_asks_the_layer(monkeypatch):
-    """lm.config has no copy of the rules: a rule the layer adds is one the config enforces,
+    """flipout_lstm.config has no copy of the rules: a rule the layer adds is one the config enforces,
     in the config's own key names."""
-    from lm.config import load_config
-    from lm.errors import ConfigError
-    from lm.nn import lstm
+    from flipout_lstm.config import load_config
+    from flipout_lstm.errors import ConfigError
+    from flipout_lstm.nn import lstm
 
     real = lstm.check_regularizers
 
@@ -54,7 +54,7 @@ def test_the_config_asks_the_layer(monkeypatch):
         if args.get("hidden_dropout", 0) > 0.5:
             raise lstm.LSTMArgumentError(f"{name('hidden_dropout')}: above 0.5 (a new rule)", "hidden_dropout")
 
-    monkeypatch.setattr("lm.config.check_regularizers", stricter)
+    monkeypatch.setattr("flipout_lstm.config.check_regularizers", stricter)
     with pytest.raises(ConfigError, match=r"^model.lstm.hidden_dropout: above 0.5 \(a new rule\)"):
         load_config(None, ["model.lstm.hidden_dropout=0.6"])
     assert load_config(None, ["model.lstm.hidden_dropout=0.4"]).model.lstm.hidden_dropout == 0.4
@@ -69,7 +69,7 @@ def test_unsupported(kw, match):
 
 
 def test_the_layer_raises_value_error_not_the_trainers_errors():
-    """lm.nn is reusable on its own: its errors are ValueErrors, not lm.errors' UserError."""
+    """flipout_lstm.nn is reusable on its own: its errors are ValueErrors, not flipout_lstm.errors' UserError."""
     with pytest.raises(ValueError) as err:
         LSTM(3, 4, weight_drop=2.0)
     assert not isinstance(err.value, UserError)

@@ -1,4 +1,4 @@
-"""lm.nn.LSTM against torch.nn.LSTM (no noise, eval) and against a plain autograd reference
+"""flipout_lstm.nn.LSTM against torch.nn.LSTM (no noise, eval) and against a plain autograd reference
 that spells out each example's effective weights (every noise variant, fixed noise)."""
 import itertools
 
@@ -6,7 +6,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from lm.nn import LSTM
+from flipout_lstm.nn import LSTM
 
 DT = torch.float64
 TOL = dict(rtol=1e-10, atol=1e-12)

@@ -3,7 +3,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from lm.nn import LSTM, lstm_recurrence
+from flipout_lstm.nn import LSTM, lstm_recurrence
 
 DT = torch.float64
 T, B, H = 4, 3, 3

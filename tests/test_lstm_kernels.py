@@ -6,7 +6,7 @@ import itertools
 import pytest
 import torch
 
-from lm.nn import LSTM, fused_cell, lstm_recurrence, products, recurrence
+from flipout_lstm.nn import LSTM, fused_cell, lstm_recurrence, products, recurrence
 
 DT = torch.float64
 T, B, H = 5, 3, 4

@@ -3,7 +3,7 @@ gradient variance of a batch mean (shared noise levels off, flipout falls like 1
 import pytest
 import torch
 
-from lm.nn import LSTM, LayerNoise, LSTMNoise
+from flipout_lstm.nn import LSTM, LayerNoise, LSTMNoise
 
 DT = torch.float64
 
@@ -180,7 +180,7 @@ def test_gradient_variance_shared_flat_flipout_one_over_n():
 def test_pinned_noise_draws_nothing_from_the_global_rng(kw):
     """Exact resume needs every random draw to come from the saved RNG streams in order; a
     forward with pinned noise (first call of the process included) must draw nothing."""
-    import lm.nn.recurrence as recurrence
+    import flipout_lstm.nn.recurrence as recurrence
 
     torch.manual_seed(0)
     lstm = LSTM(6, 32, **kw).float()
@@ -196,7 +196,7 @@ def test_pinned_noise_draws_nothing_from_the_global_rng(kw):
 def test_signs_are_the_bits_of_random_bytes(shape):
     """Entry 8j + k is +1 exactly where bit k of the j-th random byte is set, and drawing
     consumes one random byte per 8 entries (so the global RNG stream after it is fixed)."""
-    from lm.nn.noise import signs
+    from flipout_lstm.nn.noise import signs
     n = torch.Size(shape).numel()
     torch.manual_seed(3)
     got = signs(shape, device="cpu", dtype=DT)

@@ -1,4 +1,4 @@
-"""PackedSequence input to lm.nn.LSTM, every variant, both execution paths.
+"""PackedSequence input to flipout_lstm.nn.LSTM, every variant, both execution paths.
 
 (a) no noise (eval, or "none" in training): the same outputs, h_n, c_n and gradients as
     torch.nn.LSTM on the same weights and the same PackedSequence, sorted or not;
@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch.nn.utils.rnn import PackedSequence, pack_padded_sequence, pad_packed_sequence
 
-from lm.nn import LSTM, LayerNoise, LSTMNoise
+from flipout_lstm.nn import LSTM, LayerNoise, LSTMNoise
 
 DT = torch.float64
 TOL = dict(rtol=1e-5, atol=1e-5)       # the brief's bound; float64 agrees far closer

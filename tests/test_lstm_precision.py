@@ -1,4 +1,4 @@
-"""lm.nn.LSTM under torch.autocast: bfloat16 (CPU and CUDA) and float16 (CUDA).
+"""flipout_lstm.nn.LSTM under torch.autocast: bfloat16 (CPU and CUDA) and float16 (CUDA).
 
 Every variant against float32 on the same weights and the same pinned noise: outputs and
 all gradients within bfloat16's error, float32 outputs, state and parameter gradients, the
@@ -19,7 +19,7 @@ import dataclasses
 import pytest
 import torch
 
-from lm.nn import LSTM, LSTMNoise, recurrence
+from flipout_lstm.nn import LSTM, LSTMNoise, recurrence
 
 I, H, L, B, T = 16, 32, 2, 6, 12
 FWD_TOL, GRAD_TOL, FLOOR = 2e-2, 3e-2, 1e-4

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from lm import precision
+from flipout_lstm import precision
 
 REPO = Path(__file__).resolve().parent.parent
 

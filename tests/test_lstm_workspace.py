@@ -1,9 +1,9 @@
-"""The recurrence's pooled buffers (lm.nn.workspace): reused between calls, never while a
+"""The recurrence's pooled buffers (flipout_lstm.nn.workspace): reused between calls, never while a
 graph, an output or a gradient still refers to them, and bounded under varying lengths."""
 import pytest
 import torch
 
-from lm.nn import lstm_recurrence, workspace
+from flipout_lstm.nn import lstm_recurrence, workspace
 
 pytestmark = pytest.mark.skipif(not workspace.enabled(), reason="no storage use count here")
 T, B, H = 6, 3, 5

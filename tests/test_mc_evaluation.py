@@ -8,9 +8,9 @@ import torch
 import evaluate as evaluate_script
 import train as train_script
 from conftest import REPO, tiny_overrides
-from lm.config import ModelConfig
-from lm.evaluation import evaluate_mc
-from lm.model import LanguageModel
+from flipout_lstm.config import ModelConfig
+from flipout_lstm.evaluation import evaluate_mc
+from flipout_lstm.model import LanguageModel
 
 NO_NOISE = {"model.embedding_dropout": 0, "model.input_dropout": 0, "model.layer_dropout": 0,
             "model.output_dropout": 0, "model.lstm.weight_drop": 0, "model.lstm.flipout": "false"}

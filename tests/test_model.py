@@ -2,9 +2,9 @@
 import pytest
 import torch
 
-from lm.config import LSTMConfig, ModelConfig
-from lm.model import LanguageModel, embedding_dropout, orthogonal_lstm_init_, sequence_dropout
-from lm.nn import LSTM
+from flipout_lstm.config import LSTMConfig, ModelConfig
+from flipout_lstm.model import LanguageModel, embedding_dropout, orthogonal_lstm_init_, sequence_dropout
+from flipout_lstm.nn import LSTM
 
 
 def test_embedding_dropout_drops_whole_word_types():
@@ -91,7 +91,7 @@ def test_recipe_regularizers_reach_the_layer(field):
 def test_uniform_init_draws_every_weight_in_range_and_zeroes_the_lstm_biases():
     """model.init=uniform (Zaremba et al.): every weight U(-s, s), the LSTM biases (forget gate
     included) 0, the decoder bias drawn like the weights (as the TF PTB tutorial does)."""
-    from lm.config import ModelConfig
+    from flipout_lstm.config import ModelConfig
 
     torch.manual_seed(0)
     model = LanguageModel(ModelConfig(init="uniform", init_scale=0.05, embedding_size=24,

@@ -2,8 +2,8 @@
 import pytest
 import torch
 
-from lm import precision
-from lm.errors import ConfigError
+from flipout_lstm import precision
+from flipout_lstm.errors import ConfigError
 
 CPU = torch.device("cpu")
 
@@ -52,7 +52,7 @@ import json  # noqa: E402
 
 import train as train_script  # noqa: E402
 from conftest import REPO, tiny_overrides  # noqa: E402
-from lm import checkpoint  # noqa: E402
+from flipout_lstm import checkpoint  # noqa: E402
 
 needs_bf16 = pytest.mark.skipif(not precision.native_bf16(CPU), reason="this CPU has no native bfloat16")
 

@@ -31,7 +31,7 @@ def python_blocks():
 
 
 def test_layer_snippet_runs_as_written(tmp_path):
-    (snippet,) = [b for b in python_blocks() if "from lm.nn import LSTM" in b]
+    (snippet,) = [b for b in python_blocks() if "from flipout_lstm.nn import LSTM" in b]
     # As a user would run it: a fresh interpreter, outside the repository, the package importable.
     proc = subprocess.run([sys.executable, "-c", snippet], cwd=tmp_path, capture_output=True,
                           text=True, timeout=300, env={"PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1",
@@ -82,9 +82,9 @@ TOOLS = {
     "benchmarks/lstm_speed.py": ["benchmarks/lstm_speed.py"],
     "benchmarks/train_step.py": ["benchmarks/train_step.py"],
     "benchmarks/encode_speed.py": ["benchmarks/encode_speed.py"],
-    "lm.sample": ["-m", "lm.sample"], "lm.sweep": ["-m", "lm.sweep"], "lm.report": ["-m", "lm.report"],
+    "flipout_lstm.sample": ["-m", "flipout_lstm.sample"], "flipout_lstm.sweep": ["-m", "flipout_lstm.sweep"], "flipout_lstm.report": ["-m", "flipout_lstm.report"],
 }
-OVERRIDES = {"train.py", "lm.sweep"}  # tools that take key.path=value recipe overrides
+OVERRIDES = {"train.py", "flipout_lstm.sweep"}  # tools that take key.path=value recipe overrides
 
 
 def commands(body):
@@ -122,13 +122,13 @@ def help_text(tool):
 
 
 def config_keys():
-    from lm.config import Config, _field_paths
+    from flipout_lstm.config import Config, _field_paths
     return {path for path, _ in _field_paths(Config)}
 
 
 def test_the_command_parser_finds_the_documented_commands():
     found = [tool for page in PAGES for tool, _ in invocations(text(page))]
-    assert set(found) >= {"train.py", "evaluate.py", "lm.sample", "lm.sweep", "lm.report",
+    assert set(found) >= {"train.py", "evaluate.py", "flipout_lstm.sample", "flipout_lstm.sweep", "flipout_lstm.report",
                           "grad_variance.py"}, set(found)
 
 

@@ -5,8 +5,8 @@ import pytest
 
 import train as train_script
 from conftest import REPO, run_cli, tiny_overrides
-from lm.config import flat, load_config
-from lm.errors import ConfigError
+from flipout_lstm.config import flat, load_config
+from flipout_lstm.errors import ConfigError
 
 CPU_RECIPES = sorted((REPO / "recipes" / "cpu").glob("*.yaml"))
 SCALE_FIELDS = {"data.train_tokens", "data.eval_batch_size", "model.hidden_size",

@@ -21,8 +21,8 @@ import torch
 
 import train as train_script
 from conftest import REPO, run_cli, tiny_overrides, write_tiny_ptb
-from lm import checkpoint, fileio
-from lm.errors import CheckpointError
+from flipout_lstm import checkpoint, fileio
+from flipout_lstm.errors import CheckpointError
 
 
 @pytest.fixture(autouse=True)
@@ -113,7 +113,7 @@ def test_signal_saves_a_checkpoint_and_exits_0(reference_run, tmp_path, sig):
 SLOW_STEP = """
 import os, sys, time
 import train
-from lm.model import LanguageModel
+from flipout_lstm.model import LanguageModel
 forward, calls = LanguageModel.forward, [0]
 def slow(self, *args, **kwargs):
     if self.training:
@@ -525,7 +525,7 @@ def test_bad_device_names(tiny_ptb, tmp_path, device, message):
 
 
 def test_metrics_lines_stay_strict_json(tmp_path):
-    from lm.metrics import MetricsLog
+    from flipout_lstm.metrics import MetricsLog
 
     log = MetricsLog(tmp_path, tensorboard=False)
     log.log(3, "train", loss=float("nan"), grad_norm=float("inf"), lr=0.5)

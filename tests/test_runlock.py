@@ -8,12 +8,12 @@ import time
 import pytest
 
 from conftest import REPO, run_cli, tiny_overrides
-from lm import runlock
-from lm.errors import UserError
+from flipout_lstm import runlock
+from flipout_lstm.errors import UserError
 
 HOLD = """
 import sys, time
-from lm import runlock
+from flipout_lstm import runlock
 with runlock.hold(sys.argv[1]):
     print("holding", flush=True)
     time.sleep(120)

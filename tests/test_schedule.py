@@ -4,8 +4,8 @@ import io
 import pytest
 import torch
 
-from lm.config import OptimConfig
-from lm.optim import Schedule
+from flipout_lstm.config import OptimConfig
+from flipout_lstm.optim import Schedule
 
 # nonmono n = 2. Losses improve, stall above the best (3.0) from evaluation 5 on, fall to 2.0,
 # then rise again: the evaluations where each rule fires, worked out by hand from
@@ -109,8 +109,8 @@ def test_step_schedule_every_k_epochs_and_other_schedules_untouched():
     ("optim.schedule=steps", r"optim.schedule: 'steps' is not one of .*'step' \(did you mean 'step'\?\)"),
 ])
 def test_step_schedule_config_errors(override, message):
-    from lm.config import load_config
-    from lm.errors import ConfigError
+    from flipout_lstm.config import load_config
+    from flipout_lstm.errors import ConfigError
 
     with pytest.raises(ConfigError, match=message):
         load_config(None, [override])

@@ -1,4 +1,4 @@
-"""lm.sweep (recipes x seeds, skip / resume / fail and go on) and lm.report (tables, curves)."""
+"""flipout_lstm.sweep (recipes x seeds, skip / resume / fail and go on) and flipout_lstm.report (tables, curves)."""
 import csv
 import json
 import signal
@@ -12,7 +12,7 @@ import pytest
 
 import train as train_script
 from conftest import REPO, run_cli
-from lm import checkpoint, report, sweep
+from flipout_lstm import checkpoint, report, sweep
 from test_train import Crash, crash_at
 
 
@@ -46,7 +46,7 @@ def swept(tmp_path_factory):
     data = write_tiny_ptb(root / "tiny_ptb")
     args = ["recipes/char_gal.yaml", "recipes/word_wd.yaml", "--seeds", "3,4", "--out",
             str(root / "sweep"), *tiny(data)]
-    proc = run_cli("-m", "lm.sweep", *args)
+    proc = run_cli("-m", "flipout_lstm.sweep", *args)
     return root / "sweep", args, proc
 
 
@@ -115,7 +115,7 @@ def test_sweep_rejects_bad_plans_before_running(tiny_ptb, tmp_path):
          "error: recipe 'recipes/char_gal.yaml': model.input_dropout: one-hot input"),
         (["recipes/nope.yaml", "--seeds", "1"], "error: recipe file 'recipes/nope.yaml' not found"),
     ]:
-        proc = run_cli("-m", "lm.sweep", *args, "--out", str(tmp_path / "x"))
+        proc = run_cli("-m", "flipout_lstm.sweep", *args, "--out", str(tmp_path / "x"))
         assert proc.returncode == 2, args
         err = proc.stderr.strip().splitlines()
         assert len(err) == 1 and err[0].startswith("error: ") and message in err[0], (args, err)
@@ -124,7 +124,7 @@ def test_sweep_rejects_bad_plans_before_running(tiny_ptb, tmp_path):
 
 def test_print_commands(tiny_ptb, tmp_path):
     out = tmp_path / "sweep"
-    proc = run_cli("-m", "lm.sweep", "recipes/word_ptb.yaml", "--seeds", "1,2", "--out", out,
+    proc = run_cli("-m", "flipout_lstm.sweep", "recipes/word_ptb.yaml", "--seeds", "1,2", "--out", out,
                    "--print-commands", *tiny(tiny_ptb))
     assert proc.returncode == 0
     cmds = proc.stdout.strip().splitlines()
@@ -134,18 +134,18 @@ def test_print_commands(tiny_ptb, tmp_path):
     # The printed command is the real one: run it, and the sweep counts the run as done.
     args = cmds[0].split()[2:]
     assert run_cli("train.py", *args).returncode == 0
-    again = run_cli("-m", "lm.sweep", "recipes/word_ptb.yaml", "--seeds", "1,2", "--out", out,
+    again = run_cli("-m", "flipout_lstm.sweep", "recipes/word_ptb.yaml", "--seeds", "1,2", "--out", out,
                     "--print-commands", *tiny(tiny_ptb)).stdout.splitlines()
     assert again[0] == "# word_ptb-s1: done" and again[1] == cmds[1]
 
 
 def test_a_sweep_started_with_sigint_ignored_still_stops_on_sigint(tiny_ptb, tmp_path):
-    """`python -m lm.sweep ... &` or nohup starts it with SIGINT ignored, which Python leaves
+    """`python -m flipout_lstm.sweep ... &` or nohup starts it with SIGINT ignored, which Python leaves
     ignored unless the sweep installs its own handler: a SIGINT must still do what Ctrl-C does
     (the child finishes its step and saves, the sweep stops, exit 130, how to continue)."""
     out = tmp_path / "sweep"
     proc = subprocess.Popen(
-        [sys.executable, "-m", "lm.sweep", "recipes/word_ptb.yaml", "--seeds", "1", "--out", str(out),
+        [sys.executable, "-m", "flipout_lstm.sweep", "recipes/word_ptb.yaml", "--seeds", "1", "--out", str(out),
          *tiny(tiny_ptb, **{"train.max_steps": 5000, "train.eval_every": 0})],
         cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
         preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_IGN))  # as `&` leaves it
@@ -259,7 +259,7 @@ def test_report_reach_gives_the_first_evaluation_at_or_below_a_score(swept, tmp_
     # One score cannot serve bits per character and perplexity at once; scores must be scores.
     for reach, message in (("2", "mix bpc and ppl"), ("800,abc", "positive scores separated"),
                            ("-5", "positive scores separated")):
-        proc = run_cli("-m", "lm.report", str(runs), "--out", tmp_path / "r", "--reach", reach)
+        proc = run_cli("-m", "flipout_lstm.report", str(runs), "--out", tmp_path / "r", "--reach", reach)
         assert proc.returncode == 2 and message in proc.stderr, (reach, proc.stderr)
 
 
@@ -298,7 +298,7 @@ def test_report_errors(tmp_path):
     for args, message in [([str(tmp_path / "nope")], "does not exist"),
                           ([str(tmp_path / "empty")], "holds no run directories"),
                           ([str(tmp_path / "empty"), "--x", "time"], "must be one of epochs, steps, wall")]:
-        proc = run_cli("-m", "lm.report", *args, "--out", tmp_path / "r")
+        proc = run_cli("-m", "flipout_lstm.report", *args, "--out", tmp_path / "r")
         assert proc.returncode == 2 and message in proc.stderr, (args, proc.stderr)
         assert len(proc.stderr.strip().splitlines()) == 1
 
@@ -306,8 +306,8 @@ def test_report_errors(tmp_path):
 def test_report_groups_a_run_older_than_a_field_with_one_holding_its_default():
     """A run written before train.precision existed (and with data.tokenizer, since renamed)
     is the same experiment as one written after with the defaults: one group, two seeds."""
-    from lm.config import Config
-    from lm.report import identity
+    from flipout_lstm.config import Config
+    from flipout_lstm.report import identity
 
     now = Config().to_dict()
     old = Config().to_dict()

@@ -6,10 +6,10 @@ import pytest
 import torch
 
 import train as train_script
-from lm.signals import StopNow, StopSignal
+from flipout_lstm.signals import StopNow, StopSignal
 from conftest import run_cli, tiny_overrides
-from lm import checkpoint
-from lm.model import LanguageModel
+from flipout_lstm import checkpoint
+from flipout_lstm.model import LanguageModel
 
 
 def metrics(run_dir):
@@ -165,9 +165,9 @@ def test_evaluate_batch_size_one_is_the_exact_stream(tiny_ptb, tmp_path):
     [<eos>] + split with the state carried, every token scored once (here by hand)."""
     assert run_train("word_ptb", tiny_ptb, tmp_path, **{"train.max_steps": 3}) == 0
     import evaluate as evaluate_script
-    from lm.data import open_corpus
-    from lm.model import cross_entropy_sum
-    from lm.trained import load_trained
+    from flipout_lstm.data import open_corpus
+    from flipout_lstm.model import cross_entropy_sum
+    from flipout_lstm.trained import load_trained
 
     best = tmp_path / "word_ptb" / "best.pt"
     results = {bs: evaluate_script.run(evaluate_script.parse_args(
@@ -192,9 +192,9 @@ def test_evaluating_an_ntasgd_training_checkpoint_scores_the_average(tiny_ptb, t
     assert weights.keys() == last["model"].keys()
     assert torch.equal(weights["decoder.weight"], last["schedule"]["averaged"]["module.decoder.weight"])
     import evaluate as evaluate_script
-    from lm.config import config_from_dict
-    from lm.data import Vocab, load_corpus
-    from lm.evaluation import eval_warmup, evaluate
+    from flipout_lstm.config import config_from_dict
+    from flipout_lstm.data import Vocab, load_corpus
+    from flipout_lstm.evaluation import eval_warmup, evaluate
 
     def loss_with(state):
         cfg = config_from_dict(last["config"])
@@ -412,7 +412,7 @@ def test_ar_and_tar_penalize_the_activations(tiny_ptb, tmp_path, monkeypatch):
 
 def test_tied_weights_survive_a_checkpoint_round_trip(tiny_ptb, tmp_path):
     """model.tie_weights: the decoder is the embedding, in training and after reloading."""
-    from lm.trained import load_trained
+    from flipout_lstm.trained import load_trained
 
     assert run_train("word_ptb", tiny_ptb, tmp_path, **{"train.max_steps": 4, "model.tie_weights": "true"}) == 0
     model = load_trained(tmp_path / "word_ptb" / "best.pt").model
@@ -426,8 +426,8 @@ def test_tied_weights_survive_a_checkpoint_round_trip(tiny_ptb, tmp_path):
 
 def test_standard_dropout_draws_a_mask_per_step(tiny_ptb, tmp_path):
     """model.dropout_type=standard (Zaremba): a new dropout mask at every step, unlike locked."""
-    from lm.config import ModelConfig
-    from lm.model import LanguageModel, sequence_dropout
+    from flipout_lstm.config import ModelConfig
+    from flipout_lstm.model import LanguageModel, sequence_dropout
 
     model = LanguageModel(ModelConfig(embedding_size=8, hidden_size=8, num_layers=1, input_dropout=0.5,
                                       dropout_type="standard"), vocab_size=5)

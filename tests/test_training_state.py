@@ -1,18 +1,18 @@
 """The training loop's parts, tested directly: the state that saves and restores itself
-(lm.training_state), resume matching (lm.resume) and the objective with AR/TAR (lm.model)."""
+(flipout_lstm.training_state), resume matching (flipout_lstm.resume) and the objective with AR/TAR (flipout_lstm.model)."""
 import dataclasses
 import json
 
 import pytest
 import torch
 
-from lm import checkpoint, distributed, training_state
-from lm.config import load_config
-from lm.errors import CheckpointError
-from lm.model import LanguageModel, cross_entropy_sum, training_loss
-from lm.optim import EarlyStopping, Schedule, build_optimizer
-from lm.resume import check_config, finished_because, scored_on_test
-from lm.training_state import Progress, TrainingState
+from flipout_lstm import checkpoint, distributed, training_state
+from flipout_lstm.config import load_config
+from flipout_lstm.errors import CheckpointError
+from flipout_lstm.model import LanguageModel, cross_entropy_sum, training_loss
+from flipout_lstm.optim import EarlyStopping, Schedule, build_optimizer
+from flipout_lstm.resume import check_config, finished_because, scored_on_test
+from flipout_lstm.training_state import Progress, TrainingState
 
 HEADER = {"format": checkpoint.FORMAT, "config": {}, "vocab": {}, "tokenizer": None}
 VOCAB = 30
@@ -147,7 +147,7 @@ def test_ar_and_tar_change_the_update_but_not_the_logged_loss(tmp_path):
     assert not torch.allclose(grads[0], grads[1]) and not torch.allclose(grads[0], grads[2])
 
 
-# ----------------------------------------------------------------------------- lm.resume
+# ----------------------------------------------------------------------------- flipout_lstm.resume
 
 
 def test_resume_refuses_a_changed_experiment_and_applies_a_changed_bound():

@@ -11,7 +11,7 @@ set -euo pipefail
 export OMP_NUM_THREADS=1
 out=${STUDY_OUT:-checkpoints/cpu/study}
 common=(train.tensorboard=false)
-sweep() { python -m lm.sweep "$@" --out "$out" "${common[@]}"; }
+sweep() { python -m flipout_lstm.sweep "$@" --out "$out" "${common[@]}"; }
 c=recipes/cpu
 # Seed 1 of every recipe, then seed 2, then seed 3 of the first $2 recipes (the key pairs).
 staged() {
@@ -43,11 +43,11 @@ case "${1:?usage: study.sh char|word|large-batch|grad-variance|collect}" in
       dst=results/cpu/study/$(basename "$run")
       mkdir -p "$dst" && cp "$run"/config.yaml "$run"/metrics.jsonl "$run"/run.json "$dst"/
     done
-    python -m lm.report results/cpu/study --out results/cpu
+    python -m flipout_lstm.report results/cpu/study --out results/cpu
     if compgen -G "results/cpu/study/large_batch_*" > /dev/null; then
       # Validation perplexities at which "steps to get there" is read: a fixed grid from early
       # to late in the epoch, not one score picked from the curves.
-      python -m lm.report results/cpu/study/large_batch_* --x steps,wall \
+      python -m flipout_lstm.report results/cpu/study/large_batch_* --x steps,wall \
         --reach "${REACH:-2000,1000,800,700}" --out results/cpu/large_batch
     fi ;;
   *) echo "study.sh: unknown part '$1' (char, word, large-batch, grad-variance or collect)" >&2

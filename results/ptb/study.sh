@@ -10,7 +10,7 @@ set -euo pipefail
 export OMP_NUM_THREADS=1
 out=${STUDY_OUT:-checkpoints/ptb}
 common=(train.tensorboard=false train.threads=1)
-sweep() { python -m lm.sweep "$@" "${common[@]}"; }
+sweep() { python -m flipout_lstm.sweep "$@" "${common[@]}"; }
 r=recipes/ptb
 word_key=($r/word_unregularized.yaml $r/word_wd.yaml $r/word_wd_flipout.yaml)
 word_other=($r/word_gal.yaml $r/word_semeniuta.yaml $r/word_zaremba.yaml $r/word_zoneout.yaml)
@@ -46,7 +46,7 @@ case "${1:?usage: study.sh $parts}" in
         mkdir -p "$dst" && cp "$run"/config.yaml "$run"/metrics.jsonl "$run"/run.json "$dst"/
       done
       if [ -d "results/ptb/$part/runs" ]; then
-        python -m lm.report "results/ptb/$part/runs" --out "results/ptb/$part"
+        python -m flipout_lstm.report "results/ptb/$part/runs" --out "results/ptb/$part"
       fi
     done ;;
   *) echo "study.sh: unknown part '$1' (one of $parts)" >&2

@@ -359,7 +359,7 @@ def bench(shape_name, repeats, independent=True, bt_steps=25):
             ratios.append(t / t_ref)
             if ref_fn is fns_ref:
                 ref_times.append(t_ref)
-        q1, _, q3 = statistics.quantiles(ratios, n=4) if len(ratios) > 1 else (ratios * 3)
+        q1, _, q3 = statistics.quantiles(ratios, n=4, method="inclusive") if len(ratios) > 1 else (ratios * 3)
         rows.append((name, statistics.median(ts), statistics.median(ratios), target, (q1, q3),
                      used))
     t_ref = statistics.median(ref_times)

@@ -335,10 +335,11 @@ def _from_checkpoint(cfg: GradVarianceConfig):
 
 def _fresh_corpus(cfg: GradVarianceConfig):
     """PTB at ``level``, for a freshly initialized model (no checkpoint to say otherwise)."""
-    from flipout_lstm.data import load_corpus, prepare_ptb
+    from flipout_lstm.config import DataConfig
+    from flipout_lstm.data import open_corpus
 
     with _data_root_advice():
-        return load_corpus(cfg.level, prepare_ptb(cfg.data_root, download=False))
+        return open_corpus(DataConfig(level=cfg.level, root=cfg.data_root, download=False))
 
 
 @contextlib.contextmanager

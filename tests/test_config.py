@@ -1,5 +1,7 @@
 """Recipes and overrides: every recipe loads, every mistake is a one-line error naming the key."""
 
+import re
+
 import pytest
 
 from conftest import REPO, run_cli
@@ -110,16 +112,26 @@ def test_cli_config_errors_exit_2_with_one_line(args, message):
     assert len(lines) == 1 and lines[0].startswith("error: ") and message in lines[0]
 
 
-def test_dry_run_prints_config_and_parameter_count():
-    proc = run_cli("train.py", "recipes/word_ptb.yaml", "model.hidden_size=200", "--dry-run")
-    assert proc.returncode == 0, proc.stderr
-    assert "hidden_size: 200" in proc.stdout
-    # The count of the model train.py would build on PTB's 10,000 words, before any data is read.
-    cfg = load_config(REPO / "recipes/word_ptb.yaml", ["model.hidden_size=200"])
-    expected = LanguageModel(cfg.model, 10_000).num_parameters()
-    assert proc.stdout.strip().splitlines()[-1] == f"# parameters: {expected:,}"
+@pytest.mark.parametrize("recipe, vocab, by_hand", [
     # embedding, decoder (weight and bias), two layers (two bias vectors each, as torch.nn.LSTM)
-    assert expected == 10_000 * 650 + 10_000 * 200 + 10_000 + 4 * 200 * (650 + 200 + 2) + 4 * 200 * (200 + 200 + 2)
+    ("word_ptb", 10_000, 10_000 * 650 + 10_000 * 200 + 10_000 + 4 * 200 * (650 + 200 + 2)
+     + 4 * 200 * (200 + 200 + 2)),
+    # one-hot input (no embedding), one layer, decoder
+    ("char_ptb", 50, 4 * 200 * (50 + 200 + 2) + 200 * 50 + 50),
+])
+def test_dry_run_prints_config_and_parameter_count(recipe, vocab, by_hand):
+    """The config as resolved, then the count of the model train.py would build on PTB's
+    vocabulary (10,000 words, 50 characters), before any data is read."""
+    proc = run_cli("train.py", f"recipes/{recipe}.yaml", "model.hidden_size=200", "--dry-run")
+    assert proc.returncode == 0, proc.stderr
+    cfg = load_config(REPO / f"recipes/{recipe}.yaml", ["model.hidden_size=200"])
+    *config, last = proc.stdout.splitlines()
+    assert "\n".join(config) + "\n" == cfg.to_yaml() and "  hidden_size: 200" in config
+    printed = re.fullmatch(r"# parameters: ([\d,]+)", last)
+    assert printed, last
+    expected = LanguageModel(cfg.model, vocab).num_parameters()
+    assert int(printed.group(1).replace(",", "")) == expected == by_hand
+    assert printed.group(1) == f"{expected:,}"
 
 
 def test_new_train_fields_load():

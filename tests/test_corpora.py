@@ -10,7 +10,7 @@ import torch
 import train as train_script
 from conftest import REPO, run_cli
 from flipout_lstm.config import load_config
-from flipout_lstm.data import load_corpus, open_corpus, prepare_ptb
+from flipout_lstm.data import open_corpus
 from flipout_lstm.data import cache as cache_module
 from flipout_lstm.data import corpus as corpus_module
 from flipout_lstm.data.sources import TextFileSplit, row_lines
@@ -91,7 +91,7 @@ def test_word_vocabulary_min_count_and_unk():
 
 
 def test_word_tokenizer_on_ptb_is_the_ptb_word_level(tiny_ptb, tmp_path):
-    level = load_corpus("word", prepare_ptb(tiny_ptb, download=False))
+    level = open_corpus(data_config([f"data.root={tiny_ptb}", "data.level=word"]))  # PTB's reader
     # data.min_count asks for the vocabulary rebuilt from the text, by the generic path.
     generic = open_corpus(data_config([f"data.root={tiny_ptb}", "data.level=word", "data.min_count=1",
                                        f"data.cache_dir={tmp_path}"]))

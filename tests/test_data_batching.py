@@ -1,10 +1,11 @@
-"""TrainStream and EvalStream: layouts, determinism, resuming, exact evaluation coverage."""
+"""TrainStream and EvalStream: layouts, determinism, resuming (EvalStream's token-by-token
+coverage, with and without warm-up: tests/test_eval_warmup.py)."""
 import math
 
 import pytest
 import torch
 
-from flipout_lstm.data import Batch, EvalBatch, EvalStream, TrainStream
+from flipout_lstm.data import Batch, EvalStream, TrainStream
 from flipout_lstm.errors import ConfigError, DataError
 
 
@@ -124,29 +125,6 @@ def test_train_stream_errors():
         TrainStream(stream(100), 0, 10)
 
 
-@pytest.mark.parametrize("n,batch_size,bptt", [(1, 1, 5), (10, 1, 3), (10, 3, 2), (17, 4, 3), (5, 4, 2),
-                                               (9, 4, 100), (1000, 7, 35), (3, 8, 1)])
-def test_eval_stream_covers_every_token_once(n, batch_size, bptt):
-    data = torch.randint(1, 50, (n,), generator=torch.Generator().manual_seed(n)) * 1000 + torch.arange(n)
-    bos = 0
-    chunks = list(EvalStream(data, batch_size, bptt, bos_id=bos))
-    assert all(isinstance(c, EvalBatch) for c in chunks)
-    rows = math.ceil(n / batch_size)
-    assert [c.input.shape[0] for c in chunks] == [min(bptt, rows - i) for i in range(0, rows, bptt)]
-    inputs = torch.cat([c.input for c in chunks])
-    targets = torch.cat([c.target for c in chunks])
-    mask = torch.cat([c.mask for c in chunks])
-    assert inputs.shape == targets.shape == mask.shape == (rows, batch_size) and mask.dtype == torch.bool
-    assert int(mask.sum()) == n == sum(c.num_tokens for c in chunks)
-    # Column-major order of the masked targets is exactly the data.
-    assert torch.equal(targets.t()[mask.t()], data)
-    # Each input is the token preceding its target in [bos] + data.
-    prev = torch.cat([torch.tensor([bos]), data[:-1]])
-    assert torch.equal(inputs.t()[mask.t()], prev)
-    # Within a column, the input at t+1 is the target at t (the caller can carry the state).
-    assert torch.equal(inputs[1:][mask[1:]], targets[:-1][mask[1:]])
-
-
 def test_eval_batch_size_one_is_whole_stream():
     data = torch.arange(1, 11)
     (c,) = list(EvalStream(data, 1, 100, bos_id=0))
@@ -160,9 +138,10 @@ def test_eval_empty():
 
 
 def test_word_corpus_batches(ptb_root):
-    from flipout_lstm.data import load_corpus
+    from flipout_lstm.config import DataConfig
+    from flipout_lstm.data import open_corpus
 
-    c = load_corpus("word", ptb_root)
+    c = open_corpus(DataConfig(level="word", root=str(ptb_root), download=False))
     ts = TrainStream(c.train, 20, 35)
     assert ts.num_batches(0) == math.ceil((929_589 // 20 - 1) / 35) == 1328
     assert sum(ch.num_tokens for ch in EvalStream(c.test, 10, 35, c.vocab.eos_id)) == 82_430

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from flipout_lstm.config import ModelConfig, load_config
-from flipout_lstm.data import EvalStream
+from flipout_lstm.data import EvalBatch, EvalStream
 from flipout_lstm.errors import ConfigError
 from flipout_lstm.evaluation import DEFAULT_WARMUP, eval_warmup, evaluate
 from flipout_lstm.model import LanguageModel, cross_entropy_sum
@@ -37,17 +37,28 @@ def columns(stream):
 
 @pytest.mark.parametrize("n,batch_size,bptt,warmup", [
     (1, 1, 5, 10), (10, 1, 3, 4), (17, 4, 3, 2), (17, 4, 3, 100), (5, 4, 2, 3), (1000, 7, 35, 50),
-    (1000, 64, 7, 200), (3, 8, 1, 5), (500, 1024, 100, 64)])
+    (1000, 64, 7, 200), (3, 8, 1, 5), (500, 1024, 100, 64),
+    # without warm-up (the default): the plain layout
+    (1, 1, 5, 0), (10, 1, 3, 0), (10, 3, 2, 0), (17, 4, 3, 0), (5, 4, 2, 0), (9, 4, 100, 0),
+    (1000, 7, 35, 0), (3, 8, 1, 0)])
 def test_every_token_is_scored_once_after_its_warmup(n, batch_size, bptt, warmup):
     data = numbered_stream(n)
     stream = EvalStream(data, batch_size, bptt, bos_id=0, warmup=warmup)
     inputs, targets, mask, chunks = columns(stream)
+    assert all(isinstance(c, EvalBatch) for c in chunks)
     assert all(c.input.shape[0] <= bptt for c in chunks) and len(chunks) == len(stream)
-    assert inputs.shape == (stream.rows, batch_size)
+    assert inputs.shape == targets.shape == mask.shape == (stream.rows, batch_size)
+    assert mask.dtype == torch.bool
+    if warmup == 0:              # ceil(n / B) rows in chunks of bptt, no state reset
+        rows = math.ceil(n / batch_size)
+        assert stream.rows == rows and all(c.reset is None for c in chunks)
+        assert [c.input.shape[0] for c in chunks] == [min(bptt, rows - i) for i in range(0, rows, bptt)]
     # Every token once, in order (column-major), each input the token before its target.
     assert int(mask.sum()) == n == sum(c.num_tokens for c in chunks)
     assert torch.equal(targets.t()[mask.t()], data)
     assert torch.equal(inputs.t()[mask.t()], torch.cat([torch.tensor([0]), data[:-1]]))
+    # Within a column, the input at t+1 is the target at t (the caller can carry the state).
+    assert torch.equal(inputs[1:][mask[1:]], targets[:-1][mask[1:]])
     # Column b first reads S[a_b : s_b], a_b = max(0, s_b - W), unscored, from a zero state.
     length = math.ceil(n / batch_size)
     for b in range(batch_size):

@@ -82,9 +82,10 @@ def test_experiment_model_has_only_the_weight_noise():
 
 def _tiny_models(tiny_ptb, layers=2):
     model_cfg = gv.ModelConfig(**{**TINY_MODEL, "num_layers": layers})
-    from flipout_lstm.data import load_corpus
+    from flipout_lstm.config import DataConfig
+    from flipout_lstm.data import open_corpus
     from flipout_lstm.model import LanguageModel
-    corpus = load_corpus("word", tiny_ptb)
+    corpus = open_corpus(DataConfig(level="word", root=str(tiny_ptb), download=False))
     state = LanguageModel(model_cfg, len(corpus.vocab)).state_dict()
     models = gv.build_models(model_cfg, state, len(corpus.vocab), 1.0, torch.device("cpu"))
     return models, corpus.train
@@ -246,10 +247,10 @@ def test_cli_writes_results_and_prints_table(tiny_ptb, tmp_path):
 
 
 def test_cli_reads_a_checkpoint(tiny_ptb, tmp_path):
-    from flipout_lstm.config import Config, ModelConfig
-    from flipout_lstm.data import load_corpus
+    from flipout_lstm.config import Config, DataConfig, ModelConfig
+    from flipout_lstm.data import open_corpus
     from flipout_lstm.model import LanguageModel
-    corpus = load_corpus("word", tiny_ptb)
+    corpus = open_corpus(DataConfig(level="word", root=str(tiny_ptb), download=False))
     cfg = Config()
     cfg.data.level, cfg.data.root = "word", str(tiny_ptb)
     cfg.model = ModelConfig(embedding_size=8, hidden_size=8, num_layers=2)

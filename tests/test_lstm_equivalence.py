@@ -6,7 +6,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from flipout_lstm.nn import LSTM
+from flipout_lstm.nn import LSTM, products, recurrence
 
 DT = torch.float64
 TOL = dict(rtol=1e-10, atol=1e-12)
@@ -253,8 +253,8 @@ def test_index_input_equals_one_hot(kw):
                                 dict(weight_drop=0.5, flipout=True, hidden_dropout=0.2)],
                          ids=["flipout", "gal", "flipout+gal"])
 def test_float32_fast_paths_match_float64(kw):
-    """float32 on CPU takes the packed-weight products (when MKL has them); compare with
-    the float64 computation of the same noise."""
+    """float32 on the CPU takes the rule's float32 products (oneDNN where it runs) and
+    float64 takes ``mm``: the same noise gives the same numbers, to float32 rounding."""
     T, B, I, H = 6, 4, 5, 64
     m32 = LSTM(I, H, 1, **kw)
     m64 = LSTM(I, H, 1, dtype=DT, **kw)
@@ -265,7 +265,10 @@ def test_float32_fast_paths_match_float64(kw):
                                        for ln in noise.layers), batch_size=B, seq_len=T)
     x = torch.randn(T, B, I)
     o32, _ = m32(x, noise=noise)
+    assert recurrence.last_kernels["products"] == products.kernel_name(torch.device("cpu"),
+                                                                       torch.float32)
     o64, _ = m64(x.to(DT), noise=noise64)
+    assert recurrence.last_kernels["products"] == "mm"
     g32 = torch.autograd.grad(o32.sum(), list(m32.parameters()))
     g64 = torch.autograd.grad(o64.sum(), list(m64.parameters()))
     torch.testing.assert_close(o32.to(DT), o64, rtol=1e-4, atol=1e-5)

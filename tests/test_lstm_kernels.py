@@ -114,32 +114,87 @@ def test_onednn_and_mm_products_agree(variant, cell, monkeypatch):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
 
 
-def test_the_rule():
-    """oneDNN for CPU float32 (where it runs), ``mm`` for float64; fixed: asking twice, or
-    after a forward call, gives the same answer."""
+def test_the_rule(monkeypatch):
+    """oneDNN for CPU float32 / bfloat16 where its probe passes, ``mm`` for everything else;
+    nothing is timed (the choice runs with every clock broken) and it is fixed: asking again,
+    or after forward calls, gives the same answer, and the recurrence reports it."""
     cpu = torch.device("cpu")
-    assert products.kernel_name(cpu, torch.float64) == "mm"
+    for device, dtype in [(cpu, torch.float64), (cpu, torch.float16),
+                          (torch.device("cuda"), torch.float32),
+                          (torch.device("cuda"), torch.bfloat16)]:
+        assert not products.uses_onednn(device, dtype) and products.kernel_name(device, dtype) == "mm"
+    # This torch build has oneDNN's matmul: float32 on the CPU takes it.
+    if torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise"):
+        assert ONEDNN
+
+    def no_clock(*a):
+        raise AssertionError("the kernel rule must not time anything")
+    monkeypatch.setattr(products, "_onednn_ok", {})
+    for name in ("perf_counter", "perf_counter_ns", "process_time", "monotonic"):
+        monkeypatch.setattr(f"time.{name}", no_clock)
     assert products.kernel_name(cpu, torch.float32) == ("onednn" if ONEDNN else "mm")
     leaves, noise = _inputs(torch.float32, "flip", torch.Generator().manual_seed(3))
     for _ in range(2):
         _run(leaves, noise)
-        assert recurrence.last_kernels == {"products": products.kernel_name(cpu, torch.float32),
+        assert recurrence.last_kernels == {"products": "onednn" if ONEDNN else "mm",
                                            "cell": CELLS[-1]}
+    monkeypatch.undo()
+    leaves, noise = _inputs(DT, "flip", torch.Generator().manual_seed(3))
+    _run(leaves, noise)
+    assert recurrence.last_kernels["products"] == "mm"
+
+
+@pytest.mark.skipif(not ONEDNN, reason="oneDNN matmul unavailable in this torch build")
+@pytest.mark.parametrize("fault", ["missing", "wrong"])
+def test_a_failed_onednn_probe_falls_back_to_mm(fault, monkeypatch):
+    """The op missing from the build (it raises), or giving wrong numbers on the probe's fixed
+    values: the rule is ``mm``, and the recurrence runs on it with the same results."""
+    leaves, noise = _inputs(torch.float32, "flip+gal", torch.Generator().manual_seed(4))
+    ref = _run(leaves, noise)
+    assert recurrence.last_kernels["products"] == "onednn"
+    real = products._onednn_lp()
+
+    def broken():
+        if fault == "missing":
+            raise AttributeError("no _linear_pointwise in this build")
+        return lambda *a: real(*a) * 1.01
+    monkeypatch.setattr(products, "_onednn_lp", broken)
+    monkeypatch.setattr(products, "_onednn_ok", {})
+    assert not products.uses_onednn(torch.device("cpu"), torch.float32)
+    got = _run(leaves, noise)
+    assert recurrence.last_kernels["products"] == "mm"
+    for a, b in zip(got, ref):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
 
 
 @pytest.mark.parametrize("kw", [dict(weight_noise=1.0, flipout=True),
                                 dict(zoneout_cell=0.3, hidden_dropout=0.2)])
-def test_kernel_probes_draw_nothing_from_the_global_rng(kw):
-    """Probing oneDNN and checking the compiled cell (first use) must not move the global RNG,
-    or an exactly resumed run would draw different noise than an uninterrupted one."""
+def test_kernel_probes_draw_nothing_from_the_global_rng(kw, monkeypatch):
+    """Exact resume needs every random draw to come from the saved RNG streams in order, so
+    a forward and backward with pinned noise must draw nothing, the first call of a process
+    included: there the oneDNN probe runs and the compiled cell is loaded and self-checked
+    (both are reset here, as in a fresh process; the cell is not recompiled)."""
+    lib = fused_cell.library()
+
+    def build():                                           # the first use, minus the compiler
+        if lib is None:
+            raise RuntimeError(fused_cell.build_error)
+        return lib
+    monkeypatch.setattr(fused_cell, "_build", build)
+    monkeypatch.setattr(fused_cell, "_tried", False)
+    monkeypatch.setattr(fused_cell, "_lib", None)
+    monkeypatch.setattr(products, "_onednn_ok", {})
     torch.manual_seed(0)
     lstm = LSTM(6, 24, **kw)
     x = torch.randn(5, 4, 6)
     noise = lstm.sample_noise(4, seq_len=5)
-    products._onednn_ok.clear()
     state = torch.get_rng_state()
     lstm(x, noise=noise)[0].sum().backward()
     assert torch.equal(torch.get_rng_state(), state)
+    assert fused_cell._tried and fused_cell._lib is lib            # the cell's first use ran
+    assert list(products._onednn_ok) == [torch.float32]            # and the probe did
+    assert recurrence.last_kernels == {"products": "onednn" if ONEDNN else "mm",
+                                       "cell": CELLS[-1]}
 
 
 def test_fused_cell_falls_back_without_a_build(monkeypatch):
@@ -160,10 +215,15 @@ def test_fused_cell_falls_back_without_a_build(monkeypatch):
 
 
 def test_fused_cell_switched_off_by_env(monkeypatch):
+    """``LM_FUSED_CELL=0``: no module, the reason recorded, and the recurrence takes the
+    torch-ops cell."""
     monkeypatch.setattr(fused_cell, "_tried", False)
     monkeypatch.setattr(fused_cell, "_lib", None)
+    monkeypatch.setattr(fused_cell, "build_error", None)
     monkeypatch.setenv("LM_FUSED_CELL", "0")
     assert fused_cell.library() is None and "LM_FUSED_CELL=0" in fused_cell.build_error
+    _run(*_inputs(DT, "zone", torch.Generator().manual_seed(6)))
+    assert recurrence.last_kernels["cell"] == "torch"
 
 
 @pytest.mark.skipif("fused" not in CELLS, reason="compiled cell unavailable")

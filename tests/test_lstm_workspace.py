@@ -7,6 +7,7 @@ from flipout_lstm.nn import lstm_recurrence, workspace
 
 pytestmark = pytest.mark.skipif(not workspace.enabled(), reason="no storage use count here")
 T, B, H = 6, 3, 5
+MIN_BYTES = workspace.MIN_BYTES                            # the real threshold (fixture: 1)
 
 
 @pytest.fixture(autouse=True)
@@ -57,33 +58,30 @@ def test_buffers_are_reused_and_results_unchanged(monkeypatch):
         torch.testing.assert_close(a, b, rtol=0, atol=0)
 
 
-def test_a_retained_graph_keeps_its_buffers(monkeypatch):
-    """Backward twice through a kept graph, with other calls in between: the second backward
-    still sees the first call's saved tensors, not the later calls' data."""
-    ref = _reference(2, monkeypatch)
-    leaves, noise = _leaves(2)
-    out, hn, cn = lstm_recurrence(*leaves, *noise)
-    loss = (out * out).sum() + hn.sum() + cn.sum()
-    g1 = torch.autograd.grad(loss, leaves, retain_graph=True)
-    for seed in (3, 4):
+def test_kept_graphs_outputs_and_gradients_are_not_overwritten(monkeypatch):
+    """Later calls run while one call's graph is kept (``retain_graph=True``) and another's
+    graph is freed but its output and gradients are kept (``d xproj`` may be a pooled view):
+    neither call's buffers are handed out again. The kept graph's second backward sees its own
+    saved tensors, and every kept output and gradient still holds its own numbers."""
+    ref_a, ref_b = _reference(2, monkeypatch), _reference(5, monkeypatch)
+    leaves_a, noise_a = _leaves(2)
+    out_a, hn, cn = lstm_recurrence(*leaves_a, *noise_a)
+    loss_a = (out_a * out_a).sum() + hn.sum() + cn.sum()
+    g1 = torch.autograd.grad(loss_a, leaves_a, retain_graph=True)
+    leaves_b, noise_b = _leaves(5)
+    out_b, hn, cn = lstm_recurrence(*leaves_b, *noise_b)
+    ((out_b * out_b).sum() + hn.sum() + cn.sum()).backward()          # frees b's graph
+    grads_b = [t.grad for t in leaves_b]
+    for seed in (3, 4, 6, 7):
         _grads(*_leaves(seed))                             # would overwrite shared buffers
-    g2 = torch.autograd.grad(loss, leaves)
-    for a, b, r in zip(g1, g2, ref[1:]):
+    g2 = torch.autograd.grad(loss_a, leaves_a)
+    torch.testing.assert_close(out_a.detach(), ref_a[0], rtol=0, atol=0)
+    for a, b, r in zip(g1, g2, ref_a[1:]):
         torch.testing.assert_close(a, r, rtol=0, atol=0)
         torch.testing.assert_close(b, r, rtol=0, atol=0)
-
-
-def test_kept_outputs_and_gradients_are_not_overwritten(monkeypatch):
-    ref = _reference(5, monkeypatch)
-    leaves, noise = _leaves(5)
-    out, hn, cn = lstm_recurrence(*leaves, *noise)
-    ((out * out).sum() + hn.sum() + cn.sum()).backward()
-    grads = [t.grad for t in leaves]                       # d xproj may be a pooled view
-    for seed in (6, 7):
-        _grads(*_leaves(seed))
-    torch.testing.assert_close(out.detach(), ref[0], rtol=0, atol=0)
-    for a, b in zip(grads, ref[1:]):
-        torch.testing.assert_close(a, b, rtol=0, atol=0)
+    torch.testing.assert_close(out_b.detach(), ref_b[0], rtol=0, atol=0)
+    for a, r in zip(grads_b, ref_b[1:]):
+        torch.testing.assert_close(a, r, rtol=0, atol=0)
 
 
 def test_varying_lengths_share_a_bounded_pool(monkeypatch):
@@ -112,9 +110,40 @@ def test_a_full_pool_drops_its_oldest_free_buffers(monkeypatch):
         torch.testing.assert_close(a, b, rtol=0, atol=0)
 
 
-def test_small_and_cuda_buffers_are_not_pooled(monkeypatch):
-    monkeypatch.setattr(workspace, "MIN_BYTES", 1 << 20)
-    t = workspace.empty((10, 10), torch.zeros(1))
-    assert t.shape == (10, 10) and workspace.pooled_bytes() == 0
-    big = workspace.empty((512, 1024), torch.zeros(1, dtype=torch.float32))
-    assert big.shape == (512, 1024) and workspace.pooled_bytes() >= 512 * 1024 * 4
+def test_small_cpu_buffers_are_not_pooled(monkeypatch):
+    """Below MIN_BYTES, counted in bytes of the requested dtype, a CPU buffer comes from
+    ``new_empty`` and the pool stays empty; from MIN_BYTES on it is pooled (and reused once
+    free). At its real threshold the small shapes of these tests pool nothing."""
+    monkeypatch.setattr(workspace, "MIN_BYTES", MIN_BYTES)
+    f32 = torch.zeros(1)
+    small = MIN_BYTES // 4 - 1                             # one float32 short of MIN_BYTES
+    for shape, like, dtype in [((small,), f32, None), ((10, 10), f32, None),
+                               ((MIN_BYTES // 4,), f32, torch.bfloat16),   # half as many bytes
+                               ((MIN_BYTES // 4,), torch.zeros(1, dtype=torch.bfloat16), None)]:
+        t = workspace.empty(shape, like, dtype)
+        assert t.shape == shape and t.dtype == (dtype or like.dtype) and t.device == like.device
+        assert workspace.pooled_bytes() == 0 and not workspace._pool, (shape, dtype)
+    _grads(*_leaves(1))                                    # (6, 3, 20) float64: 2880 bytes
+    assert workspace.pooled_bytes() == 0
+    big = workspace.empty((MIN_BYTES // 8,), f32, torch.float64)          # exactly MIN_BYTES
+    assert big.dtype == torch.float64 and workspace.pooled_bytes() == MIN_BYTES
+    ptr = big.untyped_storage().data_ptr()
+    del big
+    again = workspace.empty((MIN_BYTES // 8,), f32, torch.float64)
+    assert again.untyped_storage().data_ptr() == ptr and workspace.pooled_bytes() == MIN_BYTES
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_cuda_buffers_are_not_pooled(monkeypatch):
+    """CUDA tensors come from torch's caching allocator: never pooled, whatever their size
+    (MIN_BYTES is 1 here), from :func:`workspace.empty` or from the recurrence on the GPU."""
+    cuda = torch.zeros(1, device="cuda")
+    for shape in [(512, 1024), (4,)]:
+        t = workspace.empty(shape, cuda)
+        assert t.shape == shape and t.device == cuda.device and t.dtype == torch.float32
+    assert workspace.pooled_bytes() == 0 and not workspace._pool
+    leaves, noise = _leaves(1, dtype=torch.float32)
+    leaves = [x.detach().to("cuda").requires_grad_(True) for x in leaves]
+    noise = [x.to("cuda") for x in noise]
+    out = _grads(leaves, noise)
+    assert out[0].is_cuda and workspace.pooled_bytes() == 0 and not workspace._pool

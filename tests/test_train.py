@@ -193,14 +193,14 @@ def test_evaluating_an_ntasgd_training_checkpoint_scores_the_average(tiny_ptb, t
     assert torch.equal(weights["decoder.weight"], last["schedule"]["averaged"]["module.decoder.weight"])
     import evaluate as evaluate_script
     from flipout_lstm.config import config_from_dict
-    from flipout_lstm.data import Vocab, load_corpus
+    from flipout_lstm.data import open_corpus
     from flipout_lstm.evaluation import eval_warmup, evaluate
 
     def loss_with(state):
         cfg = config_from_dict(last["config"])
         model = LanguageModel(cfg.model, len(last["vocab"]["itos"]))
         model.load_state_dict(state)
-        corpus = load_corpus("word", tiny_ptb, vocab=Vocab.from_dict(last["vocab"]))
+        corpus = open_corpus(cfg.data, saved=last)  # the run's own data.root: tiny_ptb
         return evaluate(model, corpus.valid, batch_size=cfg.data.eval_batch_size, bptt=cfg.data.bptt,
                         bos_id=corpus.vocab.eos_id, device=torch.device("cpu"),
                         warmup=eval_warmup(cfg.data))["loss"]

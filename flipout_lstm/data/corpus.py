@@ -10,10 +10,11 @@ the reference ``ptb.char.*.txt`` files are not read, the word files are the sour
 The vocabulary is built from the training split (see :class:`flipout_lstm.data.vocab.Vocab`)
 unless one is passed in (resume / evaluation), in which case it is used unchanged.
 
-:func:`open_corpus` is what the trainer, ``evaluate.py`` and the samplers call: it reads any
+:func:`open_corpus` is the one way in, for the trainer, ``evaluate.py``, the samplers and the
+tests: it reads any
 source (:mod:`flipout_lstm.data.sources`) with any tokenizer (:mod:`flipout_lstm.data.tokenizers`). PTB at the
 char or word level with Mikolov's vocabulary (no ``data.min_count``) goes through
-:func:`load_corpus` as above (one second, in memory); every other corpus or tokenizer is
+the PTB reader above (one second, in memory); every other corpus or tokenizer is
 trained, encoded and cached on disk
 (:mod:`flipout_lstm.data.cache`). Either way the corpus knows each split's raw character count, the
 denominator of ``bpc_raw`` (:func:`flipout_lstm.evaluation.raw_bpc`).
@@ -73,7 +74,7 @@ def split_lines(text: str, level: str) -> list:
     return [word_line_chars(line) for line in text_lines(text)]
 
 
-def load_corpus(level: str, root: str | os.PathLike, vocab: Vocab | None = None) -> Corpus:
+def _read_ptb(level: str, root: str | os.PathLike, vocab: Vocab | None = None) -> Corpus:
     """Read ``ptb.{train,valid,test}.txt`` in ``root`` and encode them at ``level``.
 
     Missing, empty or non-UTF-8 files, and (without ``<unk>`` in the vocabulary)
@@ -125,7 +126,7 @@ def open_corpus(dc, *, saved: dict | None = None, source: str = "the checkpoint"
     if dc.source == "ptb" and dc.level != "subword" and dc.min_count is None:  # PTB as published
         root = prepare_ptb(dc.root, dc.url, download=dc.download)
         vocab = tokenizer_from_checkpoint(saved, dc, source).vocab if saved is not None else None
-        corpus = load_corpus(dc.level, root, vocab=vocab)
+        corpus = _read_ptb(dc.level, root, vocab=vocab)
         for s in SPLITS:
             if s not in splits:
                 setattr(corpus, s, None)
@@ -152,4 +153,4 @@ def open_corpus(dc, *, saved: dict | None = None, source: str = "the checkpoint"
                   description=f"{what} tokens of {_describe_source(dc)}", **streams)
 
 
-__all__ = ["LEVELS", "Corpus", "load_corpus", "open_corpus", "split_lines"]
+__all__ = ["LEVELS", "Corpus", "open_corpus", "split_lines"]

@@ -82,3 +82,32 @@ def tiny_overrides(data_root, out_dir, **extra):
     }
     base.update({k: str(v) for k, v in extra.items()})
     return [f"{k}={v}" for k, v in base.items()]
+
+
+def run_main(script, *args, env=None):
+    """``python <script> args...`` in this process, for the tests of what a command prints and
+    returns (errors, mostly): its ``main(argv)`` with stdout and stderr captured, as a
+    CompletedProcess like :func:`run_cli`'s, without an interpreter's start (seconds a call).
+    What needs a process of its own (signals, exit at interpreter shutdown) uses run_cli."""
+    import contextlib
+    import importlib
+    import io
+    import subprocess
+
+    module = importlib.import_module(Path(script).stem)
+    out, err = io.StringIO(), io.StringIO()
+    saved = {k: os.environ.get(k) for k in (env or {})}
+    cwd = os.getcwd()
+    os.environ.update(env or {})
+    os.chdir(REPO)
+    try:
+        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+            code = module.main([str(a) for a in args])
+    finally:
+        os.chdir(cwd)
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+    return subprocess.CompletedProcess([script, *args], code, out.getvalue(), err.getvalue())

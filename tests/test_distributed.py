@@ -28,7 +28,7 @@ NO_NOISE = {"model.embedding_dropout": 0, "model.input_dropout": 0, "model.layer
 SHORT = {"train.max_steps": 12, "train.checkpoint_every": 5, "train.eval_every": 6,
          "train.log_every": 1}
 # Long enough to be interrupted part-way; noise on (flipout DropConnect and dropout).
-LONG = {"train.max_steps": 60, "train.checkpoint_every": 10, "train.log_every": 1,
+LONG = {"train.max_steps": 30, "train.checkpoint_every": 10, "train.log_every": 1,
         "train.eval_every": 25}
 
 
@@ -138,22 +138,22 @@ def test_ddp_with_noise_equals_one_process_of_the_same_global_batch(corpus, tmp_
     two, one = metrics(tmp_path / "two" / "word_ptb"), one_process(corpus, tmp_path / "one", **settings)
     rel = max(abs(x["loss"] - y["loss"]) / abs(x["loss"]) for x, y in zip(one, two))
     assert len(one) == len(two) and rel < 1e-5, rel
-    independent = torchrun(corpus, tmp_path / "per_rank", "train.ddp_noise=per_rank", **settings)
-    assert independent.returncode == 0, independent.stderr
-    apart = metrics(tmp_path / "per_rank" / "word_ptb")
-    assert max(abs(x["loss"] - y["loss"]) / abs(x["loss"]) for x, y in zip(one, apart)) > 1e-3
+    if noise.get("model.lstm.flipout") == "false":  # a shared mask: per_rank would not share it
+        independent = torchrun(corpus, tmp_path / "per_rank", "train.ddp_noise=per_rank", **settings)
+        assert independent.returncode == 0, independent.stderr
+        apart = metrics(tmp_path / "per_rank" / "word_ptb")
+        assert max(abs(x["loss"] - y["loss"]) / abs(x["loss"]) for x, y in zip(one, apart)) > 1e-3
 
 
 def test_ddp_checkpoint_resumes_in_one_process_exactly(corpus, tmp_path):
     """With one noise stream on every rank, a run written by two processes continues in one (or
-    any number) exactly: the losses after the resume are an uninterrupted 2-rank run's."""
+    any number) exactly: the losses after the resume are an uninterrupted run's (one process's,
+    which two ranks' equal: the test above)."""
     settings = {**SHORT, "train.max_steps": 12}
-    full = torchrun(corpus, tmp_path / "full", **settings)
-    assert full.returncode == 0, full.stderr
     part = torchrun(corpus, tmp_path / "part", **{**settings, "train.max_steps": 5})
     assert part.returncode == 0, part.stderr
     b = one_process(corpus, tmp_path / "part", "--resume", **settings)
-    a = metrics(tmp_path / "full" / "word_ptb")
+    a = one_process(corpus, tmp_path / "full", **settings)
     assert [(l["step"], l["split"]) for l in a] == [(l["step"], l["split"]) for l in b]
     assert max(abs(x["loss"] - y["loss"]) / abs(x["loss"]) for x, y in zip(a, b)) < 1e-5
 

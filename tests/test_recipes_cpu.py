@@ -53,8 +53,9 @@ def test_cpu_recipe_changes_only_scale(recipe):
 
 
 @pytest.mark.parametrize("recipe", CPU_RECIPES, ids=lambda p: p.stem)
-def test_cpu_recipe_dry_runs_and_trains_two_steps(recipe, tiny_ptb, tmp_path):
-    assert run_cli("train.py", recipe, "--dry-run").returncode == 0
+def test_cpu_recipe_dry_runs_and_trains_two_steps(recipe, tiny_ptb, tmp_path, capsys):
+    assert train_script.main([str(recipe), "--dry-run"]) == 0
+    assert "# parameters: " in capsys.readouterr().out
     # The tiny corpus is smaller than the recipe's prefix of the training split, so use all of it.
     over = tiny_overrides(tiny_ptb, tmp_path, **{"train.max_steps": 2, "data.train_tokens": 0})
     assert train_script.main([str(recipe), *over]) == 0

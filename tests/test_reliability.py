@@ -20,7 +20,7 @@ import pytest
 import torch
 
 import train as train_script
-from conftest import REPO, run_cli, tiny_overrides, write_tiny_ptb
+from conftest import REPO, run_cli, run_main, tiny_overrides, write_tiny_ptb
 from flipout_lstm import checkpoint, fileio
 from flipout_lstm.errors import CheckpointError
 
@@ -91,8 +91,10 @@ def test_sigkill_mid_epoch_then_resume_loses_at_most_one_interval(reference_run,
     assert metrics(run) == expected
 
 
-@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
-def test_signal_saves_a_checkpoint_and_exits_0(reference_run, tmp_path, sig):
+def test_signal_saves_a_checkpoint_and_exits_0(reference_run, tmp_path):
+    """SIGTERM (a scheduler's); a first SIGINT takes the same path (lm.signals: the second
+    Ctrl-C test below, and test_train's test of the handler)."""
+    sig = signal.SIGTERM
     root, expected = reference_run
     proc = start_training(root, tmp_path)
     wait_for_steps(tmp_path / "word_ptb", 23, proc)
@@ -160,10 +162,8 @@ def test_a_second_ctrl_c_stops_at_once_and_keeps_the_last_checkpoint(reference_r
         f"recipes/word_ptb.yaml {' '.join(tiny_overrides(root, tmp_path, **LONG))} --resume"]
     assert checkpoint.load(run / "last.pt")["progress"]["step"] == 20
     assert not (run / "train.lock").exists()
-    resumed = run_cli("train.py", "recipes/word_ptb.yaml", *tiny_overrides(root, tmp_path, **LONG), "--resume",
-                      env=ONE_THREAD)
-    assert resumed.returncode == 0, resumed.stderr
-    assert metrics(run) == expected  # nothing lost: steps 21-25 are redone exactly
+    # What --resume does with ckpt-00000020.pt is the test above: steps 21-25 are redone exactly.
+    assert [l for l in metrics(run) if l["step"] <= 20] == [l for l in expected if l["step"] <= 20]
 
 
 def test_two_processes_cannot_train_one_run_directory(reference_run, tmp_path, capsys):
@@ -274,7 +274,7 @@ def test_nonfinite_loss_can_be_skipped_and_counted(tiny_ptb, tmp_path, monkeypat
 def test_checkpoint_with_a_pickled_callable_is_refused(tmp_path):
     evil = tmp_path / "evil.pt"
     torch.save({"format": 1, "model": {}, "config": {}, "payload": os.system}, evil)
-    proc = run_cli("evaluate.py", evil)
+    proc = run_main("evaluate.py", evil)
     assert proc.returncode == 2
     assert "refusing to load" in one_error_line(proc) and "pickled Python objects" in proc.stderr
 
@@ -282,12 +282,12 @@ def test_checkpoint_with_a_pickled_callable_is_refused(tmp_path):
 def test_checkpoint_that_is_not_ours(tmp_path):
     other = tmp_path / "other.pt"
     torch.save({"weights": torch.zeros(3)}, other)
-    proc = run_cli("evaluate.py", other)
+    proc = run_main("evaluate.py", other)
     assert proc.returncode == 2 and "is not a checkpoint of this trainer" in one_error_line(proc)
 
 
 def test_missing_checkpoint_path(tmp_path):
-    proc = run_cli("evaluate.py", tmp_path / "nope.pt")
+    proc = run_main("evaluate.py", tmp_path / "nope.pt")
     assert proc.returncode == 2 and "not found" in one_error_line(proc)
 
 
@@ -296,13 +296,13 @@ def test_evaluate_a_checkpoint_of_another_shape_or_vocabulary(tiny_ptb, tmp_path
     best = checkpoint.load(tmp_path / "word_ptb" / "best.pt")
     best["config"]["model"]["hidden_size"] = 32
     torch.save(best, tmp_path / "shape.pt")
-    proc = run_cli("evaluate.py", tmp_path / "shape.pt", "--data-root", tiny_ptb)
+    proc = run_main("evaluate.py", tmp_path / "shape.pt", "--data-root", tiny_ptb)
     assert proc.returncode == 2
     assert "does not fit this model" in one_error_line(proc) and "(64, 16) in the checkpoint" in proc.stderr
     best = checkpoint.load(tmp_path / "word_ptb" / "best.pt")
     best["vocab"]["itos"] = best["vocab"]["itos"] + ["zebra"]
     torch.save(best, tmp_path / "vocab.pt")
-    proc = run_cli("evaluate.py", tmp_path / "vocab.pt", "--data-root", tiny_ptb)
+    proc = run_main("evaluate.py", tmp_path / "vocab.pt", "--data-root", tiny_ptb)
     assert proc.returncode == 2
     assert "different vocabulary or model size" in one_error_line(proc)
 
@@ -318,7 +318,7 @@ def test_resume_into_another_model_shape(tiny_ptb, tmp_path, capsys):
 
 
 def test_resume_with_nothing_to_resume(tiny_ptb, tmp_path):
-    proc = run_cli("train.py", "recipes/word_ptb.yaml", *tiny_overrides(tiny_ptb, tmp_path), "--resume")
+    proc = run_main("train.py", "recipes/word_ptb.yaml", *tiny_overrides(tiny_ptb, tmp_path), "--resume")
     assert proc.returncode == 2 and "nothing to resume" in one_error_line(proc)
 
 
@@ -344,7 +344,7 @@ def test_a_run_that_failed_before_its_first_checkpoint_says_how_to_start_again(
 
 
 def train_cli(root, tmp_path, recipe="word_ptb", **extra):
-    return run_cli("train.py", f"recipes/{recipe}.yaml", *tiny_overrides(root, tmp_path / "out", **extra))
+    return run_main("train.py", f"recipes/{recipe}.yaml", *tiny_overrides(root, tmp_path / "out", **extra))
 
 
 def test_missing_corpus_without_download(tmp_path):
@@ -406,7 +406,7 @@ def test_download_with_a_wrong_checksum(tiny_ptb, tmp_path, tarball_server):
             tar.add(tiny_ptb / f"ptb.{split}.txt", arcname=f"simple-examples/data/ptb.{split}.txt")
     set_payload(buffer.getvalue())
     target = tmp_path / "fresh"
-    proc = run_cli("train.py", "recipes/word_ptb.yaml",
+    proc = run_main("train.py", "recipes/word_ptb.yaml",
                    *tiny_overrides(target, tmp_path / "out", **{"data.download": "true", "data.url": url}))
     assert proc.returncode == 2
     line = one_error_line(proc)
@@ -496,7 +496,7 @@ def test_run_files_honour_the_umask(tiny_ptb, tmp_path, umask):
 def test_unwritable_run_directory(tiny_ptb, tmp_path):
     blocker = tmp_path / "a-file"
     blocker.write_text("not a folder")
-    proc = run_cli("train.py", "recipes/word_ptb.yaml", *tiny_overrides(tiny_ptb, blocker))
+    proc = run_main("train.py", "recipes/word_ptb.yaml", *tiny_overrides(tiny_ptb, blocker))
     assert proc.returncode == 2
     line = one_error_line(proc)
     assert "cannot write the run directory" in line and "train.out_dir" in line
@@ -504,7 +504,7 @@ def test_unwritable_run_directory(tiny_ptb, tmp_path):
 
 @pytest.mark.skipif(not os.path.isdir("/proc/self"), reason="needs a read-only /proc")
 def test_unwritable_data_folder(tmp_path):
-    proc = run_cli("train.py", "recipes/word_ptb.yaml",
+    proc = run_main("train.py", "recipes/word_ptb.yaml",
                    *tiny_overrides("/proc", tmp_path / "out", **{"data.download": "true"}))
     assert proc.returncode == 2
     line = one_error_line(proc)
@@ -516,10 +516,10 @@ def test_unwritable_data_folder(tmp_path):
                                              ("cuda:7", "CUDA device(s) are available")])
 def test_bad_device_names(tiny_ptb, tmp_path, device, message):
     assert short_run(tiny_ptb, tmp_path, **{"train.max_steps": 2}) == 0
-    proc = run_cli("evaluate.py", tmp_path / "word_ptb" / "best.pt", "--device", device,
+    proc = run_main("evaluate.py", tmp_path / "word_ptb" / "best.pt", "--device", device,
                    "--data-root", tiny_ptb)
     assert proc.returncode == 2 and message in one_error_line(proc)
-    proc = run_cli("train.py", "recipes/word_ptb.yaml",
+    proc = run_main("train.py", "recipes/word_ptb.yaml",
                    *tiny_overrides(tiny_ptb, tmp_path / "other", **{"train.device": device}))
     assert proc.returncode == 2 and message in one_error_line(proc)
 

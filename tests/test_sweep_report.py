@@ -102,7 +102,8 @@ def test_a_failed_run_is_reported_and_the_sweep_goes_on(tiny_ptb, tmp_path, caps
     assert lines(out / "good-s1")[-1]["split"] == "test"
 
 
-def test_sweep_rejects_bad_plans_before_running(tiny_ptb, tmp_path):
+def test_sweep_rejects_bad_plans_before_running(tiny_ptb, tmp_path, capsys):
+    from flipout_lstm import sweep
     for args, message in [
         (["recipes/word_ptb.yaml", "--seeds", "1,a"], "is not a comma-separated list of integers"),
         (["recipes/word_ptb.yaml", "--seeds", "1,1"], "repeats a seed"),
@@ -115,11 +116,14 @@ def test_sweep_rejects_bad_plans_before_running(tiny_ptb, tmp_path):
          "error: recipe 'recipes/char_gal.yaml': model.input_dropout: one-hot input"),
         (["recipes/nope.yaml", "--seeds", "1"], "error: recipe file 'recipes/nope.yaml' not found"),
     ]:
-        proc = run_cli("-m", "flipout_lstm.sweep", *args, "--out", str(tmp_path / "x"))
-        assert proc.returncode == 2, args
-        err = proc.stderr.strip().splitlines()
+        assert sweep.main([*args, "--out", str(tmp_path / "x")]) == 2, args
+        err = capsys.readouterr().err.strip().splitlines()
         assert len(err) == 1 and err[0].startswith("error: ") and message in err[0], (args, err)
     assert not (tmp_path / "x").exists()
+    # The same from the command line: exit status 2 and the one line.
+    proc = run_cli("-m", "flipout_lstm.sweep", "recipes/word_ptb.yaml", "--seeds", "1,1")
+    err = proc.stderr.strip().splitlines()
+    assert proc.returncode == 2 and len(err) == 1 and "repeats a seed" in err[0], proc.stderr
 
 
 def test_print_commands(tiny_ptb, tmp_path):

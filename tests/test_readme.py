@@ -34,10 +34,11 @@ def python_blocks():
 def test_layer_snippet_runs_as_written(tmp_path):
     (snippet,) = [b for b in python_blocks() if "from flipout_lstm.nn import LSTM" in b]
     # As a user would run it: a fresh interpreter, outside the repository, the package importable.
-    # HOME (and TORCH_EXTENSIONS_DIR) as the user's, so the compiled cell is the one torch built
-    # already: without them every run of this test compiles it again (two minutes).
-    env = {"PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1", "PATH": "/usr/bin:/bin"}
-    env.update({k: os.environ[k] for k in ("HOME", "TORCH_EXTENSIONS_DIR") if k in os.environ})
+    # PATH, HOME and TORCH_EXTENSIONS_DIR as the user's, so the compiled cell is the one torch
+    # built already: under another PATH ninja sees another compiler and builds it again (about a
+    # minute), and the next process with the user's PATH builds it back.
+    env = {"PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
+    env.update({k: os.environ[k] for k in ("PATH", "HOME", "TORCH_EXTENSIONS_DIR") if k in os.environ})
     proc = subprocess.run([sys.executable, "-c", snippet], cwd=tmp_path, capture_output=True,
                           text=True, timeout=300, env=env)
     assert proc.returncode == 0, proc.stderr

@@ -148,3 +148,17 @@ def test_ptb_scale_recipe_changes_only_the_size_and_the_budget(recipe):
     else:
         assert (small.data.batch_size, small.data.bptt, small.optim.name, small.optim.lr,
                 small.optim.clip) == (32, 100, "amsgrad", 0.002, 1.0)
+
+
+def test_the_ptb_large_batch_pair_differs_only_in_flipout():
+    """recipes/ptb/large_batch_*: the appendix's large-batch recipe at Table 3's size, a batch
+    at least 16x the paper's 40, the two arms alike but for flipout."""
+    wd, flip = (load_config(REPO / "recipes" / "ptb" / f"{n}.yaml")
+                for n in ("large_batch_wd", "large_batch_wd_flipout"))
+    a, b = flat(wd.to_dict()), flat(flip.to_dict())
+    assert {k for k in a if a[k] != b[k]} == {"model.lstm.flipout", "train.run_name", "paper.row"}
+    assert flip.data.batch_size >= 16 * 40 and flip.model.lstm.flipout and not wd.model.lstm.flipout
+    assert (flip.model.num_layers, flip.model.hidden_size, flip.model.embedding_size) == (2, 200, 200)
+    full = load_config(REPO / "recipes" / "word_awd_flipout_large_batch.yaml")
+    assert (flip.optim.name, flip.optim.lr, flip.model.lstm.weight_drop, flip.model.lstm.input_weight_drop) \
+        == (full.optim.name, full.optim.lr, full.model.lstm.weight_drop, full.model.lstm.input_weight_drop)

@@ -143,21 +143,6 @@ def test_evaluate_char_run_on_real_ptb(ptb_root, tmp_path):
     assert test_line["split"] == "test" and test_line["bpc"] == pytest.approx(result["bpc"], rel=1e-9)
 
 
-def test_evaluate_word_run_on_real_ptb(ptb_root, tmp_path, capsys):
-    out = tmp_path / "runs"
-    assert train_script.main(["recipes/word_ptb.yaml", "train.max_steps=5", "model.hidden_size=32",
-                              "model.embedding_size=32", f"train.out_dir={out}", "train.progress=false",
-                              "data.eval_batch_size=100", f"data.root={ptb_root}",
-                              "train.tensorboard=false"]) == 0
-    assert "(82,430 test tokens)" in capsys.readouterr().out
-    proc = run_cli("evaluate.py", out / "word_ptb" / "best.pt", "--split", "valid", "--batch-size",
-                   "100", env={"LM_DATA_ROOT": str(ptb_root)})
-    assert proc.returncode == 0, proc.stderr
-    assert "valid split, 73,760 tokens" in proc.stdout and "ppl" in proc.stdout
-    valid = [l for l in metrics(out / "word_ptb") if l["split"] == "valid" and l.get("best")]
-    assert f"{valid[0]['ppl']:.2f}" in proc.stdout  # the run's own score of its best weights
-
-
 def test_evaluate_batch_size_one_is_the_exact_stream(tiny_ptb, tmp_path):
     """evaluate.py --batch-size 1 is the split read as one stream: the model run once over
     [<eos>] + split with the state carried, every token scored once (here by hand)."""

@@ -16,7 +16,9 @@ word_key=($r/word_unregularized.yaml $r/word_wd.yaml $r/word_wd_flipout.yaml)
 word_other=($r/word_gal.yaml $r/word_semeniuta.yaml $r/word_zaremba.yaml $r/word_zoneout.yaml)
 char_key=($r/char_unregularized.yaml $r/char_mult_gauss.yaml $r/char_mult_gauss_flipout.yaml)
 char_other=($r/char_semeniuta.yaml $r/char_zoneout.yaml $r/char_gal.yaml)
-parts="anchor|pilots|word-key|word-other|char-key|char-other|collect"
+parts="anchor|pilots|word-key|word-other|char-key|char-other|large-batch|collect"
+# The large-batch pair's scores to reach, fixed before its runs (recipes/ptb/large_batch_*.yaml).
+reach=300,220,180
 case "${1:?usage: study.sh $parts}" in
   anchor)
     # Zaremba et al.'s small model, the published result the trainer is anchored to.
@@ -36,9 +38,12 @@ case "${1:?usage: study.sh $parts}" in
     sweep "${char_key[@]}" --seeds 2,3 --out "$out/char" ;;
   char-other)
     sweep "${char_other[@]}" --seeds 1,2 --out "$out/char" ;;
+  large-batch)
+    # The appendix's pair at batch 640, 3 seeds per arm.
+    sweep $r/large_batch_wd.yaml $r/large_batch_wd_flipout.yaml --seeds 1,2,3 --out "$out/large_batch" ;;
   collect)
     # Each finished run's config, metrics and summary (never its checkpoints), then the reports.
-    for part in anchor pilots word char; do
+    for part in anchor pilots word char large_batch; do
       for run in "$out/$part"/*/; do
         [ -d "$run" ] || continue
         grep -q '"split": "test".*"best": true' "$run/metrics.jsonl" 2>/dev/null || continue
@@ -46,7 +51,8 @@ case "${1:?usage: study.sh $parts}" in
         mkdir -p "$dst" && cp "$run"/config.yaml "$run"/metrics.jsonl "$run"/run.json "$dst"/
       done
       if [ -d "results/ptb/$part/runs" ]; then
-        python -m flipout_lstm.report "results/ptb/$part/runs" --out "results/ptb/$part"
+        python -m flipout_lstm.report "results/ptb/$part/runs" --out "results/ptb/$part" \
+          $([ "$part" = large_batch ] && echo --reach $reach)
       fi
     done ;;
   *) echo "study.sh: unknown part '$1' (one of $parts)" >&2

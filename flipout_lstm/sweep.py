@@ -252,6 +252,10 @@ def run_job(job: Job, status: StatusLine) -> bool:
     elif child.returncode == 0:
         job.status, job.detail = "stopped", "stopped before the end; the same command resumes it"
     else:
+        # Why it failed is train.py's one-line error, the command's contract (exit status 2 and
+        # `error: ...` on stderr), as the child printed it into its train.log. The run's own
+        # files cannot say it: most failures (a missing corpus, a refused checkpoint or resume)
+        # come before the run writes anything, and a crash writes nothing at all.
         errors = [line for line in job.log if line.startswith("error:")]
         last = errors[-1] if errors else next((line for line in reversed(job.log) if line.strip()),
                                               f"exit status {child.returncode}")

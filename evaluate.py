@@ -29,7 +29,7 @@ from flipout_lstm import precision, scores
 from flipout_lstm.config import resolve_device
 from flipout_lstm.data import open_corpus
 from flipout_lstm.data.ptb import for_command
-from flipout_lstm.errors import DataError, UserError
+from flipout_lstm.errors import DataError, UserError, exit_status
 from flipout_lstm.evaluation import eval_warmup, evaluate, evaluate_mc, raw_bpc
 from flipout_lstm.scores import figures
 from flipout_lstm.trained import load_trained
@@ -70,8 +70,7 @@ def main(argv=None) -> int:
     try:
         result = run(args)
     except UserError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
+        return exit_status(exc)
     except KeyboardInterrupt:
         print(f"\ninterrupted: scoring {args.checkpoint} on the {args.split} split stopped; "
               f"nothing was written", file=sys.stderr)

@@ -30,7 +30,7 @@ from tqdm import tqdm
 from flipout_lstm import checkpoint, distributed, fileio, precision, resume, runlock, training_state
 from flipout_lstm.config import Config, load_config, resolve_device
 from flipout_lstm.data import TrainStream, open_corpus
-from flipout_lstm.errors import UserError
+from flipout_lstm.errors import UserError, exit_status
 from flipout_lstm.evaluation import eval_warmup, evaluate, raw_bpc
 from flipout_lstm.metrics import MetricsLog, NullLog, provenance, write_run_summary
 from flipout_lstm.model import Columns, LanguageModel, detach_state, training_loss
@@ -98,8 +98,7 @@ def main(argv=None) -> int:
         with stop.installed(), contextlib.ExitStack() as held, quiet_unless(ctx.main):
             return train(args, stop, ctx, held)
     except UserError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
+        return exit_status(exc)
     except BrokenPipeError:  # the reader went away (`--dry-run | head`): stop quietly
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # no error at exit's flush
         return 1
@@ -184,13 +183,12 @@ def train(args, stop: StopSignal, ctx: distributed.Context = distributed.Context
     schedule = Schedule(cfg.optim, optimizer, model)
     run = TrainingState(model, optimizer, schedule, EarlyStopping(tc.patience),
                         precision.grad_scaler(tc.precision, device), cfg.optim.lr)  # scaler: fp16
-    progress = run.progress
     if saved is not None:
         run.restore(saved, path, cols, device)
-        progress = run.progress
         note = run.restore_rng(saved, ctx, tc.ddp_noise, tc.seed, path)
         if note:
             print(note, file=sys.stderr)
+    progress = run.progress  # the loop's counters (restore() replaced them with the saved ones)
     ended = None if saved is None else resume.finished_because(tc, progress.step, progress.epoch,
                                                                run.stopper)
     if ended and resume.scored_on_test(run_dir, progress.metrics_lines):  # it stays finished

@@ -4,6 +4,7 @@ Anything raised as ``UserError`` reaches the command line as a single line,
 ``error: <message>``, and exit status 2. Messages name the problem and the fix.
 """
 import re
+import sys
 
 
 class UserError(Exception):
@@ -20,6 +21,13 @@ class DataError(UserError):
 
 class CheckpointError(UserError):
     """A checkpoint that cannot be read, is untrusted, or does not fit the run."""
+
+
+def exit_status(exc: UserError) -> int:
+    """How every command ends on a user's mistake: ``error: <message>`` as one line on stderr,
+    and exit status 2 (returned, for ``main`` to return)."""
+    print(f"error: {exc}", file=sys.stderr)
+    return 2
 
 
 def one_line(text: object) -> str:

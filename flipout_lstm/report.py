@@ -42,7 +42,7 @@ import numpy as np
 
 from flipout_lstm import scores
 from flipout_lstm.config import as_current, fields_with
-from flipout_lstm.errors import UserError
+from flipout_lstm.errors import UserError, exit_status
 from flipout_lstm.runs import Run, find_runs, fmt_duration
 
 # Runs that differ only in these (the bookkeeping fields of flipout_lstm.config, and the seed) are one group.
@@ -400,8 +400,7 @@ def main(argv=None) -> int:
             raise UserError(f"cannot write the report to {out}: {exc.strerror or exc}; pass "
                             f"--out a writable folder") from None
     except UserError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
+        return exit_status(exc)
     print(table, end="")
     print(f"wrote {out / 'results.md'}, results.csv, results.json, curves.png")
     return 0

@@ -19,7 +19,7 @@ import sys
 import torch
 
 from flipout_lstm.config import resolve_device
-from flipout_lstm.errors import DataError, UserError
+from flipout_lstm.errors import DataError, UserError, exit_status
 from flipout_lstm.trained import load_trained
 
 
@@ -88,8 +88,7 @@ def main(argv=None) -> int:
     try:
         text = run(args)
     except UserError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
+        return exit_status(exc)
     print(text)
     return 0
 

@@ -34,7 +34,7 @@ from pathlib import Path
 
 from flipout_lstm import checkpoint, scores
 from flipout_lstm.config import load_config
-from flipout_lstm.errors import CheckpointError, ConfigError, UserError
+from flipout_lstm.errors import CheckpointError, ConfigError, UserError, exit_status
 from flipout_lstm.runs import Run, fmt_duration
 
 TRAIN_SCRIPT = Path(__file__).resolve().parent.parent / "train.py"
@@ -273,8 +273,7 @@ def main(argv=None) -> int:
     try:
         jobs = plan(args)
     except UserError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
+        return exit_status(exc)
     if args.print_commands:
         for job in jobs:
             print(f"# {job.name}: done" if job.state() == "done" else shell_line(job))

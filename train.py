@@ -92,11 +92,14 @@ def quiet_unless(speak: bool):
 def main(argv=None) -> int:
     args = parse_args(argv)
     stop = StopSignal()
+    ended = False  # train() returned on this rank, so it returns on every rank
     try:
         ctx = distributed.from_env()  # rank 0 of 1 unless started by torchrun
         # `held`: what the run holds until it ends, however it ends (the run directory's lock).
         with stop.installed(), contextlib.ExitStack() as held, quiet_unless(ctx.main):
-            return train(args, stop, ctx, held)
+            status = train(args, stop, ctx, held)
+        ended = True
+        return status
     except UserError as exc:
         return exit_status(exc)
     except BrokenPipeError:  # the reader went away (`--dry-run | head`): stop quietly
@@ -108,7 +111,7 @@ def main(argv=None) -> int:
                   f"{stop.explain()}", file=sys.stderr)
         return 128 + exc.signum
     finally:
-        distributed.shutdown()
+        distributed.shutdown(together=ended)
 
 
 def train(args, stop: StopSignal, ctx: distributed.Context = distributed.Context(),

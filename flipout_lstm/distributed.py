@@ -117,8 +117,18 @@ def init(ctx: Context, device: torch.device) -> torch.device:
     return device
 
 
-def shutdown() -> None:
+def shutdown(together: bool) -> None:
+    """Leave the process group, if this process joined one.
+
+    ``together``: the run ended normally, so every rank gets here; they meet at a barrier
+    first and no rank closes its gloo connections while a peer is still finishing the run's
+    last collective (one CI run lost a finished rank that way, aborted in a worker thread
+    with "terminate called without an active exception"). After an error a rank leaves at
+    once: its peers may never arrive.
+    """
     if dist.is_available() and dist.is_initialized():
+        if together:
+            dist.barrier()
         dist.destroy_process_group()
 
 

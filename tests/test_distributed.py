@@ -15,7 +15,7 @@ import pytest
 import torch
 
 import train as train_script
-from conftest import REPO, tiny_overrides, write_tiny_ptb
+from conftest import REPO, run_main, tiny_overrides, write_tiny_ptb
 from flipout_lstm import checkpoint, distributed
 from test_reliability import wait_for_steps
 
@@ -48,6 +48,11 @@ def torchrun_args(root, out, *extra, **settings):
             "recipes/word_ptb.yaml", *tiny_overrides(root, out, **settings), *extra]
 
 
+def failed(proc) -> str:
+    """Both streams of a failed torchrun: a rank's abort shows on stderr, how far it got on stdout."""
+    return f"exit {proc.returncode}\n--- stdout ---\n{proc.stdout[-4000:]}\n--- stderr ---\n{proc.stderr[-8000:]}"
+
+
 def torchrun(root, out, *extra, **settings):
     return subprocess.run(torchrun_args(root, out, *extra, **settings), cwd=REPO, capture_output=True,
                           text=True, timeout=300, env={**os.environ, **WORKER_ENV})
@@ -63,7 +68,7 @@ def noiseless(corpus, tmp_path_factory):
     """One process and two, the same global batch of 4, no noise: (one, two, DDP stdout)."""
     out = tmp_path_factory.mktemp("noiseless")
     proc = torchrun(corpus, out / "two", **SHORT, **NO_NOISE)
-    assert proc.returncode == 0, proc.stderr
+    assert proc.returncode == 0, failed(proc)
     cwd = os.getcwd()
     os.chdir(REPO)
     try:
@@ -134,13 +139,13 @@ def test_ddp_with_noise_equals_one_process_of_the_same_global_batch(corpus, tmp_
     batch, so a shared perturbation stays shared and the losses agree (per_rank would not)."""
     settings = {**SHORT, **noise}
     proc = torchrun(corpus, tmp_path / "two", **settings)
-    assert proc.returncode == 0, proc.stderr
+    assert proc.returncode == 0, failed(proc)
     two, one = metrics(tmp_path / "two" / "word_ptb"), one_process(corpus, tmp_path / "one", **settings)
     rel = max(abs(x["loss"] - y["loss"]) / abs(x["loss"]) for x, y in zip(one, two))
     assert len(one) == len(two) and rel < 1e-5, rel
     if noise.get("model.lstm.flipout") == "false":  # a shared mask: per_rank would not share it
         independent = torchrun(corpus, tmp_path / "per_rank", "train.ddp_noise=per_rank", **settings)
-        assert independent.returncode == 0, independent.stderr
+        assert independent.returncode == 0, failed(independent)
         apart = metrics(tmp_path / "per_rank" / "word_ptb")
         assert max(abs(x["loss"] - y["loss"]) / abs(x["loss"]) for x, y in zip(one, apart)) > 1e-3
 
@@ -151,7 +156,7 @@ def test_ddp_checkpoint_resumes_in_one_process_exactly(corpus, tmp_path):
     which two ranks' equal: the test above)."""
     settings = {**SHORT, "train.max_steps": 12}
     part = torchrun(corpus, tmp_path / "part", **{**settings, "train.max_steps": 5})
-    assert part.returncode == 0, part.stderr
+    assert part.returncode == 0, failed(part)
     b = one_process(corpus, tmp_path / "part", "--resume", **settings)
     a = one_process(corpus, tmp_path / "full", **settings)
     assert [(l["step"], l["split"]) for l in a] == [(l["step"], l["split"]) for l in b]
@@ -163,7 +168,7 @@ def reference(corpus, tmp_path_factory):
     """An uninterrupted DDP run with noise on; interrupted ones must reproduce its metrics."""
     out = tmp_path_factory.mktemp("reference")
     proc = torchrun(corpus, out, **LONG)
-    assert proc.returncode == 0, proc.stderr
+    assert proc.returncode == 0, failed(proc)
     return metrics(out / "word_ptb")
 
 
@@ -186,7 +191,7 @@ def test_sigterm_to_torchrun_checkpoints_once_and_resume_continues_the_losses(co
     assert "exitcode  : " not in err  # no worker failed (torchrun lists failed workers so)
 
     resumed = torchrun(corpus, tmp_path, "--resume", **LONG)
-    assert resumed.returncode == 0, resumed.stderr
+    assert resumed.returncode == 0, failed(resumed)
     assert f"(step {stopped})" in resumed.stdout
     assert metrics(run) == reference
 
@@ -214,3 +219,24 @@ def test_global_batch_must_split_evenly():
     with pytest.raises(distributed.ConfigError, match=r"data.batch_size=5 is the global batch .* "
                                                       r"multiple of 2"):
         distributed.check_batch(distributed.Context(rank=1, world=2), 5)
+
+
+def test_ranks_leave_together_after_a_normal_end_and_at_once_after_an_error(monkeypatch):
+    calls = []
+    monkeypatch.setattr(distributed.dist, "is_initialized", lambda: True)
+    monkeypatch.setattr(distributed.dist, "barrier", lambda: calls.append("barrier"))
+    monkeypatch.setattr(distributed.dist, "destroy_process_group", lambda: calls.append("destroy"))
+    distributed.shutdown(together=True)
+    assert calls == ["barrier", "destroy"]
+    calls.clear()
+    distributed.shutdown(together=False)  # a peer that failed may never reach a barrier
+    assert calls == ["destroy"]
+
+
+def test_train_py_leaves_together_only_when_the_run_ended(monkeypatch, tmp_path):
+    left = []
+    monkeypatch.setattr(distributed, "shutdown", lambda together: left.append(together))
+    assert run_main("train.py", "recipes/word_ptb.yaml", "--dry-run",
+                    *tiny_overrides(write_tiny_ptb(tmp_path / "ptb"), tmp_path / "out")).returncode == 0
+    assert run_main("train.py", "recipes/word_ptb.yaml", "optim.lr=-1").returncode == 2
+    assert left == [True, False]

@@ -7,13 +7,15 @@ Each argument is a run directory or a folder holding run directories (searched r
 Runs whose resolved configs differ only in ``train.seed`` (and in where they were written or
 how they reported progress) form one group, one table row:
 
-    recipe | parameters | seeds | steps | epochs | valid | test | paper row, valid, test | tokens/s | wall
+    recipe | parameters | seeds | steps | epochs | valid | test | paper row, valid, test | last 3 valid | tokens/s | wall
 
 ``valid`` and ``test`` are the best checkpoint's end-of-run scores, as mean ± sample standard
 deviation over the group's seeds (``s = sqrt(Σ(x - x̄)² / (n - 1))``; no sd for one seed): bits
 per character for character runs, perplexity for word runs (one table each). A run that has
 not finished shows its best validation so far, no test score, and a ``*`` after its seed.
-The paper's figures come from the recipe's optional ``paper:`` section.
+The paper's figures come from the recipe's optional ``paper:`` section. ``last 3 valid`` is
+how flat each run's validation curve ended (``Run.last_spread``, the largest over the seeds):
+at most 1% is a plateau, the sign that the row's epoch budget was enough.
 
 ``--reach SCORE[,SCORE...]`` adds how fast each group got there: for each score, the step and
 the wall time of the first evaluation whose validation score is at most it, mean ± sd over the
@@ -105,6 +107,7 @@ class Group:
         wall = [r.summary.get("wall_seconds") for r in self.runs]
         epochs = [r.epochs for r in self.runs]
         reached = [[r.reached(score) for r in self.runs] for score in reach]
+        spread = [x for x in (r.last_spread() for r in self.runs) if x is not None]
         return {
             "recipe": self.name, "level": self.first.level, "metric": self.metric,
             "parameters": self.first.summary.get("parameters"),
@@ -115,12 +118,14 @@ class Group:
             "valid_bpc_raw": mean_sd(valid_raw)[0], "test_bpc_raw": mean_sd(test_raw)[0],
             "paper_row": self.paper.get("row"), "paper_valid": self.paper.get("valid"),
             "paper_test": self.paper.get("test"),
+            "last3_spread": max(spread) if spread else None,
             "tokens_per_s": mean_sd(rate)[0], "wall_seconds": mean_sd(wall)[0],
             # Per score in `reach`, per run: the step and wall time it got there (or None).
             "reach": list(reach), "reach_steps": [[s for s, _ in per] for per in reached],
             "reach_wall": [[w for _, w in per] for per in reached],
             "runs": [{"name": r.name, "path": str(r.path), "seed": r.seed, "finished": r.done,
                       "steps": r.steps, "epochs": r.epochs, "valid": v, "test": t,
+                      "last3_spread": r.last_spread(),
                       "tokens_per_s": r.summary.get("tokens_per_s"),
                       "wall_seconds": r.summary.get("wall_seconds")}
                      for r, v, t in zip(self.runs, valid, test)],
@@ -187,6 +192,13 @@ def fmt_reached(values: list, fmt: str) -> str:
             + (f" ({len(got)}/{len(values)})" if len(got) < len(values) else ""))
 
 
+def fmt_spread(spread: Optional[float]) -> str:
+    """``within 0.4%`` for a spread of at most 1% (a plateau), else ``2.9% apart``."""
+    if spread is None:
+        return "–"
+    return f"within {100 * spread:.1f}%" if spread <= 0.01 else f"{100 * spread:.1f}% apart"
+
+
 def markdown(rows: list) -> str:
     """One table per headline metric (bpc, then ppl), in the order given."""
     out = []
@@ -199,11 +211,11 @@ def markdown(rows: list) -> str:
         out.append(f"### {title} ({metric}), mean ± sd over seeds\n")
         out.append("| recipe | parameters | seeds | steps | epochs | valid | test "
                    + ("| valid bpc (raw text) | test bpc (raw text) " if raw else "")
-                   + "| paper row | paper valid | paper test | tokens/s | wall |"
+                   + "| paper row | paper valid | paper test | last 3 valid | tokens/s | wall |"
                    + "".join(f" steps to valid ≤ {scores.fmt(x, metric)} | wall to valid ≤ "
                              f"{scores.fmt(x, metric)} |" for x in reach))
         out.append("|---|---:|---|---:|---:|---:|---:|" + ("---:|---:|" if raw else "")
-                   + "---|---:|---:|---:|---:|" + "---:|---:|" * len(reach))
+                   + "---|---:|---:|---:|---:|---:|" + "---:|---:|" * len(reach))
         for r in mine:
             seeds = ",".join(f"{s}{'' if done else '*'}" for s, done in zip(r["seeds"], r["finished"]))
             params = f"{r['parameters']:,}" if r["parameters"] else "–"
@@ -216,7 +228,8 @@ def markdown(rows: list) -> str:
                 + (f"| {scores.fmt(r['valid_bpc_raw'], 'bpc')} | {scores.fmt(r['test_bpc_raw'], 'bpc')} "
                    if raw else "")
                 + f"| {r['paper_row'] or '–'} | {scores.fmt(r['paper_valid'], metric)} "
-                f"| {scores.fmt(r['paper_test'], metric)} | {rate} | {fmt_duration(r['wall_seconds'])} |"
+                f"| {scores.fmt(r['paper_test'], metric)} | {fmt_spread(r['last3_spread'])} "
+                f"| {rate} | {fmt_duration(r['wall_seconds'])} |"
                 + "".join(f" {fmt_reached(steps, '{:,.0f}')} | {fmt_reached(wall, '{:,.0f} s')} |"
                           for steps, wall in zip(r["reach_steps"], r["reach_wall"])))
         out.append("")
@@ -228,7 +241,7 @@ def markdown(rows: list) -> str:
 CSV_FIELDS = ("recipe", "level", "metric", "parameters", "seeds", "n", "steps_min", "steps_max",
               "epochs_max", "valid_mean", "valid_sd", "test_mean", "test_sd", "valid_bpc_raw",
               "test_bpc_raw", "paper_row",
-              "paper_valid", "paper_test", "tokens_per_s", "wall_seconds")
+              "paper_valid", "paper_test", "last3_spread", "tokens_per_s", "wall_seconds")
 
 
 def reach_fields(score: float) -> tuple:

@@ -1,6 +1,7 @@
 """flipout_lstm.sweep (recipes x seeds, skip / resume / fail and go on) and flipout_lstm.report (tables, curves)."""
 import csv
 import json
+import math
 import signal
 import statistics
 import struct
@@ -322,3 +323,25 @@ def test_report_groups_a_run_older_than_a_field_with_one_holding_its_default():
     changed = Config().to_dict()
     changed["train"]["precision"] = "bf16"
     assert identity(changed) != identity(now)
+
+
+def test_last_spread_is_how_flat_the_validation_curve_ends(tmp_path):
+    """The plateau check of the study's epoch budget: the last three validation scores within
+    1% of their minimum; the end-of-run re-scores are not evaluations and do not count."""
+    run = tmp_path / "r"
+    run.mkdir()
+    (run / "config.yaml").write_text("data: {level: word}\ntrain: {run_name: r-s1, seed: 1}\n")
+    valid = [150.0, 120.0, 100.0, 100.5, 100.2]
+    (run / "metrics.jsonl").write_text("".join(
+        json.dumps({"step": i, "split": "valid", "ppl": p, "loss": math.log(p)}) + "\n"
+        for i, p in enumerate(valid, 1))
+        + json.dumps({"step": 5, "split": "valid", "ppl": 90.0, "best": True}) + "\n")
+    loaded = report.find_runs([run])[0]
+    assert loaded.last_spread() == pytest.approx(0.005)
+    assert loaded.last_spread(4) == pytest.approx(0.2)
+    assert loaded.last_spread(6) is None
+    row = report.group_runs([loaded])[0].summary()
+    assert row["last3_spread"] == pytest.approx(0.005)
+    md = report.markdown([row])
+    assert "| last 3 valid |" in md and "| within 0.5% |" in md
+    assert report.fmt_spread(0.029) == "2.9% apart" and report.fmt_spread(None) == "–"

@@ -1,7 +1,7 @@
 """Compare runs: a table of scores over seeds, beside the paper's, and their curves.
 
     python -m flipout_lstm.report RUN_DIR [RUN_DIR ...] [--out DIR] [--x epochs|steps|wall[,...]]
-                        [--reach SCORE[,SCORE...]]
+                        [--reach SCORE[,SCORE...]] [--compare A:B[,C:D...]]
 
 Each argument is a run directory or a folder holding run directories (searched recursively).
 Runs whose resolved configs differ only in ``train.seed`` (and in where they were written or
@@ -22,6 +22,11 @@ the wall time of the first evaluation whose validation score is at most it, mean
 seeds that reached it (and how many did), which is how the large-batch claim (flipout reaches
 a given validation loss in fewer steps than a shared perturbation) is read off, at several
 losses rather than one picked after the fact.
+
+``--compare A:B[,C:D...]`` adds a table of differences between groups named A and B (their
+recipe names as the table shows them), over the finished seeds of each: the difference of the
+mean validation and test scores, A − B, and its standard error (Welch's), so that each claim
+of the paper can be read with the seed spread beside it.
 
 Writes ``results.md``, ``results.csv``, ``results.json`` and ``curves.png`` (validation score
 against each ``--x`` axis, one colour per group, the seeds' min-max spread shaded; a last panel
@@ -165,6 +170,48 @@ def group_runs(runs: list) -> list:
     return list(groups.values())
 
 
+def difference(a: dict, b: dict) -> dict:
+    """Group row ``a`` against ``b`` over their finished seeds, per split:
+
+        d = x̄_A − x̄_B,    se = √(s_A² / n_A + s_B² / n_B)
+
+    (Welch's standard error; ``s`` the sample standard deviation over seeds), so ``d / se``
+    says how many standard errors apart the two rows are. ``se`` is None unless both rows
+    have two finished seeds or more; an unfinished run's best-so-far score is not counted.
+    """
+    out = {"a": a["recipe"], "b": b["recipe"], "metric": a["metric"]}
+    for split in ("valid", "test"):
+        sides = [[r[split] for r in row["runs"] if r["finished"] and r[split] is not None]
+                 for row in (a, b)]
+        (ma, sa), (mb, sb) = (mean_sd(v) for v in sides)
+        d = None if ma is None or mb is None else ma - mb
+        se = None if sa is None or sb is None else math.sqrt(sa ** 2 / len(sides[0])
+                                                             + sb ** 2 / len(sides[1]))
+        out[split] = {"a_mean": ma, "a_sd": sa, "a_n": len(sides[0]), "b_mean": mb, "b_sd": sb,
+                      "b_n": len(sides[1]), "diff": d, "se": se}
+    return out
+
+
+def parse_pairs(text: Optional[str], rows: dict) -> list:
+    """``--compare``'s ``A:B`` pairs, each name a key of ``rows`` (the groups' recipe names),
+    both of a pair scored alike (bpc or ppl)."""
+    if text is None:
+        return []
+    pairs = [tuple(x.strip() for x in item.split(":")) for item in text.split(",") if item.strip()]
+    if not pairs or any(len(p) != 2 or not all(p) for p in pairs):
+        raise UserError(f"--compare {text!r}: give pairs A:B of group names separated by commas, "
+                        f"e.g. --compare word_wd_flipout:word_wd")
+    for name in (n for p in pairs for n in p):
+        if name not in rows:
+            raise UserError(f"--compare: no group named {name!r} among these runs; the groups "
+                            f"are {', '.join(rows)}")
+    for a, b in pairs:
+        if rows[a]["metric"] != rows[b]["metric"]:
+            raise UserError(f"--compare {a}:{b}: {a} is scored in {rows[a]['metric']} and {b} in "
+                            f"{rows[b]['metric']}; compare character runs with character runs")
+    return pairs
+
+
 # ----------------------------------------------------------------------------- formatting
 
 
@@ -236,6 +283,30 @@ def markdown(rows: list) -> str:
     if any(not all(r["finished"]) for r in rows):
         out.append("`*`: the run has not finished; its best validation so far is counted, its test is not.\n")
     return "\n".join(out)
+
+
+def differences_markdown(diffs: list) -> str:
+    """The ``--compare`` table: each side's mean ± sd (n finished seeds), then A − B ± se."""
+    if not diffs:
+        return ""
+
+    def side(mean, sd, n, metric):
+        return f"{fmt_mean_sd(mean, sd, metric)} ({n})" if mean is not None else "– (0)"
+
+    out = ["### Differences A − B over finished seeds (mean ± sd (seeds); A − B ± its standard error)\n",
+           "| A | B | valid A | valid B | valid A − B | test A | test B | test A − B |",
+           "|---|---|---:|---:|---:|---:|---:|---:|"]
+    for d in diffs:
+        cells = []
+        for split in ("valid", "test"):
+            x, m = d[split], d["metric"]
+            diff = "–" if x["diff"] is None else \
+                ("+" if x["diff"] >= 0 else "−") + scores.fmt(abs(x["diff"]), m) \
+                + ("" if x["se"] is None else f" ± {scores.fmt(x['se'], m)}")
+            cells += [side(x["a_mean"], x["a_sd"], x["a_n"], m),
+                      side(x["b_mean"], x["b_sd"], x["b_n"], m), diff]
+        out.append(f"| {d['a']} | {d['b']} | " + " | ".join(cells) + " |")
+    return "\n".join(out) + "\n"
 
 
 CSV_FIELDS = ("recipe", "level", "metric", "parameters", "seeds", "n", "steps_min", "steps_max",
@@ -381,6 +452,9 @@ def parse_args(argv):
     p.add_argument("--reach", default=None, metavar="SCORE[,SCORE...]",
                    help="add the steps and wall time each group took to a validation score <= "
                         "each SCORE (comma-separated)")
+    p.add_argument("--compare", default=None, metavar="A:B[,C:D...]",
+                   help="add the difference of group A's scores from group B's, with its "
+                        "standard error over seeds (comma-separated pairs of recipe names)")
     return p.parse_args(argv)
 
 
@@ -400,14 +474,18 @@ def main(argv=None) -> int:
         # Worst first, as the paper's tables run: by level, then mean validation score.
         pairs.sort(key=lambda gr: (gr[1]["metric"] != "bpc", -(gr[1]["valid_mean"] or math.inf)))
         groups, rows = [g for g, _ in pairs], [r for _, r in pairs]
+        by_name = {r["recipe"]: r for r in rows}
+        diffs = [difference(by_name[a], by_name[b])
+                 for a, b in parse_pairs(args.compare, by_name)]
         out = Path(args.out)
         try:
             out.mkdir(parents=True, exist_ok=True)
-            table = markdown(rows)
+            table = markdown(rows) + ("\n" + differences_markdown(diffs) if diffs else "")
             (out / "results.md").write_text(table, encoding="utf-8")
             (out / "results.csv").write_text(to_csv(rows), encoding="utf-8")
-            (out / "results.json").write_text(json.dumps({"groups": rows}, indent=1) + "\n",
-                                              encoding="utf-8")
+            (out / "results.json").write_text(
+                json.dumps({"groups": rows, **({"differences": diffs} if diffs else {})},
+                           indent=1) + "\n", encoding="utf-8")
             plot(groups, axes, out / "curves.png")
         except OSError as exc:
             raise UserError(f"cannot write the report to {out}: {exc.strerror or exc}; pass "

@@ -345,3 +345,44 @@ def test_last_spread_is_how_flat_the_validation_curve_ends(tmp_path):
     md = report.markdown([row])
     assert "| last 3 valid |" in md and "| within 0.5% |" in md
     assert report.fmt_spread(0.029) == "2.9% apart" and report.fmt_spread(None) == "–"
+
+
+def write_scored_run(root, name, seed, drop, valid, test=None):
+    """A word run directory: one evaluation, then (if ``test``) the end-of-run re-scores."""
+    run = root / f"{name}-s{seed}"
+    run.mkdir(parents=True)
+    (run / "config.yaml").write_text(f"data: {{level: word}}\nmodel: {{lstm: {{weight_drop: {drop}}}}}\n"
+                                     f"train: {{run_name: {name}-s{seed}, seed: {seed}}}\n")
+    lines = [{"step": 10, "split": "valid", "ppl": valid, "loss": math.log(valid), "epoch": 1.0}]
+    if test is not None:
+        lines += [{"step": 10, "split": split, "ppl": x, "loss": math.log(x), "best": True}
+                  for split, x in (("valid", valid), ("test", test))]
+    (run / "metrics.jsonl").write_text("".join(json.dumps(m) + "\n" for m in lines))
+
+
+def test_compare_gives_the_difference_and_its_standard_error_over_finished_seeds(tmp_path, capsys):
+    runs = tmp_path / "runs"
+    for seed, (v, t) in enumerate([(100.0, 96.0), (102.0, 97.0), (104.0, 101.0)], 1):
+        write_scored_run(runs, "flip", seed, 0.5, v, t)
+    write_scored_run(runs, "shared", 1, 0.4, 110.0, 105.0)
+    write_scored_run(runs, "shared", 2, 0.4, 111.0, 107.0)
+    write_scored_run(runs, "shared", 3, 0.4, 90.0)  # unfinished: its best so far is not counted
+    out = tmp_path / "report"
+    assert report.main([str(runs), "--out", str(out), "--compare", "flip:shared"]) == 0
+    (d,) = json.loads((out / "results.json").read_text())["differences"]
+    assert (d["a"], d["b"], d["metric"]) == ("flip", "shared", "ppl")
+    v = d["valid"]
+    assert (v["a_n"], v["b_n"]) == (3, 2) and v["diff"] == pytest.approx(102.0 - 110.5)
+    assert v["se"] == pytest.approx(math.sqrt(4.0 / 3 + 0.5 / 2))  # s_A = 2, s_B = √0.5
+    assert d["test"]["diff"] == pytest.approx(98.0 - 106.0)
+    md = (out / "results.md").read_text()
+    assert "| flip | shared | 102.00 ± 2.00 (3) | 110.50 ± 0.71 (2) | −8.50 ± 1.26 |" in md
+    assert md in capsys.readouterr().out
+    # One seed a side: a difference, no standard error.
+    one = report.difference(*(report.group_runs(report.find_runs([runs / f"{n}-s1"]))[0].summary()
+                              for n in ("flip", "shared")))
+    assert one["valid"]["diff"] == pytest.approx(-10.0) and one["valid"]["se"] is None
+    for compare, message in (("flip:nope", "no group named 'nope'"), ("flip", "pairs A:B"),
+                             ("flip:", "pairs A:B")):
+        assert report.main([str(runs), "--out", str(out), "--compare", compare]) == 2
+        assert message in capsys.readouterr().err, compare

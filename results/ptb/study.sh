@@ -19,6 +19,21 @@ char_other=($r/char_semeniuta.yaml $r/char_zoneout.yaml $r/char_gal.yaml)
 parts="anchor|pilots|word-key|word-other|char-key|char-other|large-batch|collect"
 # The large-batch pair's scores to reach, fixed before its runs (recipes/ptb/large_batch_*.yaml).
 reach=300,220,180
+# The paper's claims as differences A:B: flipout against the shared perturbation, and every
+# row against the unregularized one.
+declare -A claims=(
+  [word]="word_wd_flipout:word_wd $(for x in wd wd_flipout gal semeniuta zaremba zoneout; do echo word_$x:word_unregularized; done)"
+  [char]="char_mult_gauss_flipout:char_mult_gauss $(for x in mult_gauss mult_gauss_flipout semeniuta zoneout gal; do echo char_$x:char_unregularized; done)"
+  [large_batch]="large_batch_wd_flipout:large_batch_wd")
+# The claims whose both rows have committed runs, as report's --compare argument.
+compare() {
+  local pairs=() pair
+  for pair in ${claims[$1]:-}; do
+    compgen -G "results/ptb/$1/runs/${pair%%:*}-s*" >/dev/null \
+      && compgen -G "results/ptb/$1/runs/${pair##*:}-s*" >/dev/null && pairs+=("$pair")
+  done
+  if [ ${#pairs[@]} -gt 0 ]; then (IFS=,; echo "--compare ${pairs[*]}"); fi
+}
 case "${1:?usage: study.sh $parts}" in
   anchor)
     # Zaremba et al.'s small model, the published result the trainer is anchored to.
@@ -52,7 +67,7 @@ case "${1:?usage: study.sh $parts}" in
       done
       if [ -d "results/ptb/$part/runs" ]; then
         python -m flipout_lstm.report "results/ptb/$part/runs" --out "results/ptb/$part" \
-          $([ "$part" = large_batch ] && echo --reach $reach)
+          $([ "$part" = large_batch ] && echo --reach $reach) $(compare "$part")
       fi
     done ;;
   *) echo "study.sh: unknown part '$1' (one of $parts)" >&2

@@ -55,6 +55,9 @@ from flipout_lstm.runs import Run, find_runs, fmt_duration
 # Runs that differ only in these (the bookkeeping fields of flipout_lstm.config, and the seed) are one group.
 NOT_IDENTITY = fields_with("bookkeeping") | {"train.seed"}
 AXES = ("epochs", "steps", "wall")
+# A run whose last three validation scores lie within this fraction of their minimum has
+# reached its plateau: its epoch budget sufficed (the PTB study's rule).
+PLATEAU = 0.01
 
 
 def identity(config: dict) -> str:
@@ -112,7 +115,8 @@ class Group:
         wall = [r.summary.get("wall_seconds") for r in self.runs]
         epochs = [r.epochs for r in self.runs]
         reached = [[r.reached(score) for r in self.runs] for score in reach]
-        spread = [x for x in (r.last_spread() for r in self.runs) if x is not None]
+        spreads = [r.last_spread() for r in self.runs]
+        known = [x for x in spreads if x is not None]
         return {
             "recipe": self.name, "level": self.first.level, "metric": self.metric,
             "parameters": self.first.summary.get("parameters"),
@@ -123,17 +127,17 @@ class Group:
             "valid_bpc_raw": mean_sd(valid_raw)[0], "test_bpc_raw": mean_sd(test_raw)[0],
             "paper_row": self.paper.get("row"), "paper_valid": self.paper.get("valid"),
             "paper_test": self.paper.get("test"),
-            "last3_spread": max(spread) if spread else None,
+            "last3_spread": max(known) if known else None,
             "tokens_per_s": mean_sd(rate)[0], "wall_seconds": mean_sd(wall)[0],
             # Per score in `reach`, per run: the step and wall time it got there (or None).
             "reach": list(reach), "reach_steps": [[s for s, _ in per] for per in reached],
             "reach_wall": [[w for _, w in per] for per in reached],
             "runs": [{"name": r.name, "path": str(r.path), "seed": r.seed, "finished": r.done,
                       "steps": r.steps, "epochs": r.epochs, "valid": v, "test": t,
-                      "last3_spread": r.last_spread(),
+                      "last3_spread": spread,
                       "tokens_per_s": r.summary.get("tokens_per_s"),
                       "wall_seconds": r.summary.get("wall_seconds")}
-                     for r, v, t in zip(self.runs, valid, test)],
+                     for r, v, t, spread in zip(self.runs, valid, test, spreads)],
         }
 
 
@@ -240,10 +244,10 @@ def fmt_reached(values: list, fmt: str) -> str:
 
 
 def fmt_spread(spread: Optional[float]) -> str:
-    """``within 0.4%`` for a spread of at most 1% (a plateau), else ``2.9% apart``."""
+    """``within 0.4%`` for a spread of at most ``PLATEAU``, else ``2.9% apart``."""
     if spread is None:
         return "–"
-    return f"within {100 * spread:.1f}%" if spread <= 0.01 else f"{100 * spread:.1f}% apart"
+    return f"within {100 * spread:.1f}%" if spread <= PLATEAU else f"{100 * spread:.1f}% apart"
 
 
 def markdown(rows: list) -> str:

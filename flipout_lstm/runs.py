@@ -148,8 +148,7 @@ class Run:
 
     def last_spread(self, n: int = 3) -> Optional[float]:
         """How flat the end of the validation curve is: ``(max − min) / min`` of the headline
-        score over the last ``n`` evaluations (0.004 = 0.4%); None before ``n`` evaluations.
-        At most 0.01 is the study's plateau: the epoch budget sufficed for that run."""
+        score over the last ``n`` evaluations (0.004 = 0.4%); None before ``n`` evaluations."""
         last = [self.score(m) for m in self.lines("valid")][-n:]
         if len(last) < n or any(x is None for x in last):
             return None

@@ -1,5 +1,7 @@
 """Recipe inheritance (``base:``), the reduced-scale recipes and the training-split prefix."""
 import dataclasses
+import re
+import subprocess
 
 import pytest
 
@@ -162,3 +164,18 @@ def test_the_ptb_large_batch_pair_differs_only_in_flipout():
     full = load_config(REPO / "recipes" / "word_awd_flipout_large_batch.yaml")
     assert (flip.optim.name, flip.optim.lr, flip.model.lstm.weight_drop, flip.model.lstm.input_weight_drop) \
         == (full.optim.name, full.optim.lr, full.model.lstm.weight_drop, full.model.lstm.input_weight_drop)
+
+
+@pytest.mark.parametrize("study", ["cpu", "ptb"])
+def test_the_files_a_study_collects_are_not_ignored_by_git(study):
+    """What ``study.sh collect`` copies into results/ is committed evidence: a .gitignore
+    pattern that matches it (``runs/`` once did) silently keeps every run out of git."""
+    script = (REPO / "results" / study / "study.sh").read_text()
+    (dst,) = re.findall(r"dst=(\S+)\$\(basename", script)
+    parts = re.search(r"for part in ([\w ]+); do", script)
+    folders = [dst.replace("$part", p) for p in (parts.group(1).split() if parts else [""])]
+    paths = [f"{folder}word_wd-s1/{name}" for folder in folders
+             for name in ("config.yaml", "metrics.jsonl", "run.json")]
+    ignored = subprocess.run(["git", "check-ignore", "--no-index", *paths], cwd=REPO,
+                             capture_output=True, text=True).stdout.split()
+    assert ignored == [], f"git ignores collected run files: {ignored}"

@@ -142,14 +142,23 @@ def test_ptb_scale_recipe_changes_only_the_size_and_the_budget(recipe):
     changed = {k for k in a if a[k] != b[k]}
     size = PTB_SCALE[small.data.level]
     assert changed <= set(size) | {"train.epochs", "train.patience", "train.log_every",
-                               "train.run_name"}, changed
+                               "train.run_name", "train.precision"}, changed
     assert {k: a[k] for k in size} == size
+    assert small.train.precision == "bf16"  # every row of both tables in one precision
     if small.data.level == "word":
         assert (small.data.batch_size, small.data.bptt, small.optim.lr,
                 small.optim.schedule) == (40, 35, 30.0, "decay")
     else:
         assert (small.data.batch_size, small.data.bptt, small.optim.name, small.optim.lr,
                 small.optim.clip) == (32, 100, "amsgrad", 0.002, 1.0)
+
+
+def test_the_precision_pilot_is_its_row_in_float32():
+    pilot = load_config(REPO / "recipes" / "ptb" / "pilots" / "char_unregularized_fp32.yaml")
+    row = load_config(REPO / "recipes" / "ptb" / "char_unregularized.yaml")
+    a, b = flat(pilot.to_dict()), flat(row.to_dict())
+    assert {k for k in a if a[k] != b[k]} == {"train.precision", "train.run_name"}
+    assert (pilot.train.precision, row.train.precision) == ("fp32", "bf16")
 
 
 def test_the_ptb_large_batch_pair_differs_only_in_flipout():

@@ -16,7 +16,8 @@ from conftest import REPO
 README = (REPO / "README.md").read_text(encoding="utf-8")
 DOCS = sorted((REPO / "docs").glob("*.md"))
 # Every page whose commands and links are checked.
-PAGES = [REPO / "README.md", *DOCS, REPO / "results" / "cpu" / "README.md", REPO / "data" / "README.md"]
+PAGES = [REPO / "README.md", *DOCS, REPO / "results" / "cpu" / "README.md",
+         REPO / "results" / "ptb" / "README.md", REPO / "data" / "README.md"]
 
 
 def text(page):

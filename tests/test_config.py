@@ -4,7 +4,7 @@ import re
 
 import pytest
 
-from conftest import REPO, run_cli
+from conftest import REPO, run_cli, run_main
 from flipout_lstm.config import load_config
 from flipout_lstm.errors import ConfigError
 from flipout_lstm.model import LanguageModel
@@ -99,14 +99,19 @@ def test_recipe_file_errors(tmp_path):
         load_config(tmp_path / "missing.yaml")
 
 
-@pytest.mark.parametrize("args, message", [
-    (["recipes/char_ptb.yaml", "model.hiden_size=3"], "did you mean 'model.hidden_size'?"),
-    (["recipes/nope.yaml"], "recipe file 'recipes/nope.yaml' not found"),
-    (["recipes/char_ptb.yaml", "model.lstm.weight_noise=0", "model.lstm.weight_drop=0.2"],
-     "flipout DropConnect needs exactly 0.5"),
+@pytest.mark.parametrize("run, args, message", [
+    # One from the command line, a process of its own: the exit status and stderr as a shell
+    # sees them. The others in-process (train.py's main(), what it returns and prints), without
+    # an interpreter's start.
+    pytest.param(run_cli, ["recipes/char_ptb.yaml", "model.hiden_size=3"], "did you mean 'model.hidden_size'?",
+                 id="subprocess-unknown-key"),
+    pytest.param(run_main, ["recipes/nope.yaml"], "recipe file 'recipes/nope.yaml' not found",
+                 id="missing-recipe"),
+    pytest.param(run_main, ["recipes/char_ptb.yaml", "model.lstm.weight_noise=0", "model.lstm.weight_drop=0.2"],
+                 "flipout DropConnect needs exactly 0.5", id="invalid-combination"),
 ])
-def test_cli_config_errors_exit_2_with_one_line(args, message):
-    proc = run_cli("train.py", *args)
+def test_cli_config_errors_exit_2_with_one_line(run, args, message):
+    proc = run("train.py", *args)
     assert proc.returncode == 2
     lines = proc.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("error: ") and message in lines[0]
@@ -122,7 +127,7 @@ def test_cli_config_errors_exit_2_with_one_line(args, message):
 def test_dry_run_prints_config_and_parameter_count(recipe, vocab, by_hand):
     """The config as resolved, then the count of the model train.py would build on PTB's
     vocabulary (10,000 words, 50 characters), before any data is read."""
-    proc = run_cli("train.py", f"recipes/{recipe}.yaml", "model.hidden_size=200", "--dry-run")
+    proc = run_main("train.py", f"recipes/{recipe}.yaml", "model.hidden_size=200", "--dry-run")
     assert proc.returncode == 0, proc.stderr
     cfg = load_config(REPO / f"recipes/{recipe}.yaml", ["model.hidden_size=200"])
     *config, last = proc.stdout.splitlines()

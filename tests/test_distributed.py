@@ -1,11 +1,18 @@
 """Data-parallel training under torchrun: 2 CPU processes, gloo, on 127.0.0.1.
 
-The same global batch trained by one process and by two must give the same losses when no
-noise is drawn; a DDP run interrupted by SIGTERM checkpoints once and resumes into the losses
-of an uninterrupted DDP run; rank 0 alone writes the run's files.
+The same global batch trained by one process and by two must give the same losses, noise
+included (train.ddp_noise=global: both ranks draw what one process draws); a DDP run
+interrupted by SIGTERM checkpoints once and resumes into the losses of an uninterrupted DDP
+run, and its checkpoint continues in one process; rank 0 alone writes the run's files.
+
+A torchrun costs seconds (a launcher and two workers, each importing torch), so the runs are
+shared: one uninterrupted DDP run with noise (the `shared_wd` fixture) is checked for its files,
+against one process, and as the reference of the interrupted one; the interrupted run (the
+`interrupted` fixture) is resumed by torchrun and, copied, by one process. Five torchruns in all.
 """
 import json
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -21,15 +28,13 @@ from test_reliability import wait_for_steps
 
 # One thread per process (tiny models run fastest so); a crash prints its stack.
 WORKER_ENV = {"OMP_NUM_THREADS": "1", "PYTHONFAULTHANDLER": "1"}
-# Every kind of noise of word_ptb.yaml off: the embedding, input, layer and output dropout
-# and the flipout DropConnect of the recurrent weights.
-NO_NOISE = {"model.embedding_dropout": 0, "model.input_dropout": 0, "model.layer_dropout": 0,
-            "model.output_dropout": 0, "model.lstm.weight_drop": 0, "model.lstm.flipout": "false"}
 SHORT = {"train.max_steps": 12, "train.checkpoint_every": 5, "train.eval_every": 6,
          "train.log_every": 1}
-# Long enough to be interrupted part-way; noise on (flipout DropConnect and dropout).
-LONG = {"train.max_steps": 30, "train.checkpoint_every": 10, "train.log_every": 1,
-        "train.eval_every": 25}
+# Shared WD (one DropConnect mask per batch, flipout off) with every locked dropout of
+# word_ptb.yaml on, long enough to be interrupted part-way (a SIGTERM after step 13). The last
+# step is no multiple of checkpoint_every, so the run's end writes a checkpoint of its own.
+LONG = {"train.max_steps": 32, "train.checkpoint_every": 10, "train.log_every": 1,
+        "train.eval_every": 25, "model.lstm.flipout": "false"}
 
 
 def metrics(run_dir):
@@ -63,44 +68,53 @@ def corpus(tmp_path_factory):
     return write_tiny_ptb(tmp_path_factory.mktemp("corpus") / "ptb")
 
 
-@pytest.fixture(scope="module")
-def noiseless(corpus, tmp_path_factory):
-    """One process and two, the same global batch of 4, no noise: (one, two, DDP stdout)."""
-    out = tmp_path_factory.mktemp("noiseless")
-    proc = torchrun(corpus, out / "two", **SHORT, **NO_NOISE)
-    assert proc.returncode == 0, failed(proc)
+def one_process(corpus, out, *extra, **settings):
     cwd = os.getcwd()
     os.chdir(REPO)
     try:
-        assert train_script.main(["recipes/word_ptb.yaml",
-                                  *tiny_overrides(corpus, out / "one", **SHORT, **NO_NOISE)]) == 0
+        assert train_script.main(["recipes/word_ptb.yaml", *tiny_overrides(corpus, out, **settings),
+                                  *extra]) == 0
     finally:
         os.chdir(cwd)
+    return metrics(out / "word_ptb")
+
+
+@pytest.fixture(scope="module")
+def shared_wd(corpus, tmp_path_factory):
+    """One process and two (train.ddp_noise=global), the same global batch of 4, LONG (noise
+    on), uninterrupted: (one, two, DDP stdout), the run directories."""
+    out = tmp_path_factory.mktemp("shared_wd")
+    proc = torchrun(corpus, out / "two", **LONG)
+    assert proc.returncode == 0, failed(proc)
+    one_process(corpus, out / "one", **LONG)
     return out / "one" / "word_ptb", out / "two" / "word_ptb", proc.stdout
 
 
-def test_ddp_run_completes_and_rank_0_alone_writes(noiseless):
-    _, run, stdout = noiseless
-    assert stdout.count("done after 12 steps") == 1 and "2 processes of 2 columns" in stdout
+def test_ddp_run_completes_and_rank_0_alone_writes(shared_wd):
+    _, run, stdout = shared_wd
+    assert stdout.count("done after 32 steps") == 1 and "2 processes of 2 columns" in stdout
     for name in ("config.yaml", "vocab.json", "last.pt", "best.pt", "metrics.jsonl", "run.json"):
         assert (run / name).is_file(), name
     assert [p.name for p in checkpoint.numbered(run)] == \
-        ["ckpt-00000005.pt", "ckpt-00000010.pt", "ckpt-00000012.pt"]
+        ["ckpt-00000020.pt", "ckpt-00000030.pt", "ckpt-00000032.pt"]  # train.keep_checkpoints=3
     lines = metrics(run)  # each line once: no second writer
-    assert [l["step"] for l in lines if l["split"] == "train"] == list(range(1, 13))
-    assert [l["step"] for l in lines if l["split"] != "train"] == [6, 12, 12, 12]
-    assert json.loads((run / "run.json").read_text())["tokens_seen"] == 12 * 4 * 10  # global batch
+    assert [l["step"] for l in lines if l["split"] == "train"] == list(range(1, 33))
+    assert [l["step"] for l in lines if l["split"] != "train"] == [25, 32, 32, 32]
+    assert json.loads((run / "run.json").read_text())["tokens_seen"] == 32 * 4 * 10  # global batch
     last = checkpoint.load(run / "last.pt")
     # The carried state of all 4 columns (both ranks'), and one generator state per rank.
     assert [tuple(h.shape) for h, _ in last["hidden"]] == [(4, 16), (4, 16)]
     assert len(last["rng_ranks"]) == 2
-    # train.ddp_noise=global: one stream on every rank, each keeping its columns of the draws.
+    # train.ddp_noise=global: one stream on every rank, each keeping its columns of the draws
+    # (after 32 steps of dropout and DropConnect draws, the streams are still in step).
     assert torch.equal(last["rng"]["torch"], last["rng_ranks"][0]["torch"])
     assert torch.equal(last["rng_ranks"][0]["torch"], last["rng_ranks"][1]["torch"])
 
 
-def test_ddp_losses_equal_one_process_of_the_same_global_batch(noiseless):
-    one, two, _ = noiseless
+def test_ddp_losses_equal_one_process_of_the_same_global_batch(shared_wd):
+    """DDP's averaged gradient is the global batch's, and with one noise stream on every rank
+    the draws are one process's too: the losses, the validation and the weights agree."""
+    one, two, _ = shared_wd
     a, b = metrics(one), metrics(two)
     assert [(l["step"], l["split"]) for l in a] == [(l["step"], l["split"]) for l in b]
     rel = [abs(x["loss"] - y["loss"]) / abs(x["loss"]) for x, y in zip(a, b)]
@@ -116,69 +130,81 @@ def test_ddp_losses_equal_one_process_of_the_same_global_batch(noiseless):
         assert torch.allclose(wa[k], wb[k], rtol=1e-4, atol=1e-6), k
 
 
-def one_process(corpus, out, *extra, **settings):
-    cwd = os.getcwd()
-    os.chdir(REPO)
-    try:
-        assert train_script.main(["recipes/word_ptb.yaml", *tiny_overrides(corpus, out, **settings),
-                                  *extra]) == 0
-    finally:
-        os.chdir(cwd)
-    return metrics(out / "word_ptb")
-
-
 @pytest.mark.parametrize("noise", [
-    # Shared WD (one DropConnect mask per batch) with every locked dropout of word_ptb.yaml on.
-    {"model.lstm.flipout": "false"},
+    # Shared WD (one DropConnect mask per batch) with every locked dropout of word_ptb.yaml on:
+    # the `shared_wd` runs (LONG).
+    "shared_wd",
     # Gauss + flipout: one shared ΔŴ, signs per example; the dropouts off, standard dropout on.
     {"model.lstm.weight_drop": 0, "model.lstm.weight_noise": 0.5, "model.embedding_dropout": 0,
      "model.input_dropout": 0, "model.layer_dropout": 0.3, "model.dropout_type": "standard"},
-])
-def test_ddp_with_noise_equals_one_process_of_the_same_global_batch(corpus, tmp_path, noise):
+], ids=["shared_wd", "gauss_flipout"])
+def test_ddp_with_noise_equals_one_process_of_the_same_global_batch(corpus, tmp_path, request,
+                                                                    noise):
     """The default train.ddp_noise=global: two ranks draw what one process draws for the whole
     batch, so a shared perturbation stays shared and the losses agree (per_rank would not)."""
-    settings = {**SHORT, **noise}
-    proc = torchrun(corpus, tmp_path / "two", **settings)
-    assert proc.returncode == 0, failed(proc)
-    two, one = metrics(tmp_path / "two" / "word_ptb"), one_process(corpus, tmp_path / "one", **settings)
+    if noise == "shared_wd":
+        settings = LONG
+        one_dir, two_dir, _ = request.getfixturevalue("shared_wd")
+        one, two = metrics(one_dir), metrics(two_dir)
+    else:
+        settings = {**SHORT, **noise}
+        proc = torchrun(corpus, tmp_path / "two", **settings)
+        assert proc.returncode == 0, failed(proc)
+        two = metrics(tmp_path / "two" / "word_ptb")
+        one = one_process(corpus, tmp_path / "one", **settings)
     rel = max(abs(x["loss"] - y["loss"]) / abs(x["loss"]) for x, y in zip(one, two))
     assert len(one) == len(two) and rel < 1e-5, rel
-    if noise.get("model.lstm.flipout") == "false":  # a shared mask: per_rank would not share it
+    if settings.get("model.lstm.flipout") == "false":  # a shared mask: per_rank would not share it
         independent = torchrun(corpus, tmp_path / "per_rank", "train.ddp_noise=per_rank", **settings)
         assert independent.returncode == 0, failed(independent)
         apart = metrics(tmp_path / "per_rank" / "word_ptb")
+        assert len(apart) == len(one)
         assert max(abs(x["loss"] - y["loss"]) / abs(x["loss"]) for x, y in zip(one, apart)) > 1e-3
 
 
-def test_ddp_checkpoint_resumes_in_one_process_exactly(corpus, tmp_path):
+@pytest.fixture(scope="module")
+def interrupted(corpus, tmp_path_factory):
+    """A LONG DDP run that torchrun's SIGTERM stopped part-way: (its out_dir, the launcher's
+    stdout and stderr, a copy of its run directory as the signal left it, in another out_dir)."""
+    out = tmp_path_factory.mktemp("interrupted")
+    proc = subprocess.Popen(torchrun_args(corpus, out, **LONG), cwd=REPO, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, env={**os.environ, **WORKER_ENV})
+    try:
+        wait_for_steps(out / "word_ptb", 13, proc)
+        proc.send_signal(signal.SIGTERM)  # torchrun forwards it to both workers
+        stdout, stderr = proc.communicate(timeout=120)
+    finally:
+        if proc.poll() is None:  # a failed wait: leave no launcher behind
+            proc.kill()
+            proc.communicate()
+    copy = tmp_path_factory.mktemp("interrupted_copy")
+    shutil.copytree(out / "word_ptb", copy / "word_ptb")  # before anything resumes it
+    return out, stdout, stderr, copy
+
+
+def test_ddp_checkpoint_resumes_in_one_process_exactly(corpus, shared_wd, interrupted, capsys):
     """With one noise stream on every rank, a run written by two processes continues in one (or
     any number) exactly: the losses after the resume are an uninterrupted run's (one process's,
-    which two ranks' equal: the test above)."""
-    settings = {**SHORT, "train.max_steps": 12}
-    part = torchrun(corpus, tmp_path / "part", **{**settings, "train.max_steps": 5})
-    assert part.returncode == 0, failed(part)
-    b = one_process(corpus, tmp_path / "part", "--resume", **settings)
-    a = one_process(corpus, tmp_path / "full", **settings)
+    which two ranks' equal: the tests above)."""
+    _, _, _, copy = interrupted
+    saved = checkpoint.load(copy / "word_ptb" / "last.pt")
+    assert len(saved["rng_ranks"]) == 2  # written by two processes
+    stopped = saved["progress"]["step"]
+    assert 13 <= stopped < LONG["train.max_steps"]
+    capsys.readouterr()
+    b = one_process(corpus, copy, "--resume", **LONG)
+    out, err = capsys.readouterr()
+    assert f"(step {stopped})" in out and "streams restart" not in err, out + err
+    a = metrics(shared_wd[0])  # one process, uninterrupted
     assert [(l["step"], l["split"]) for l in a] == [(l["step"], l["split"]) for l in b]
     assert max(abs(x["loss"] - y["loss"]) / abs(x["loss"]) for x, y in zip(a, b)) < 1e-5
 
 
-@pytest.fixture(scope="module")
-def reference(corpus, tmp_path_factory):
-    """An uninterrupted DDP run with noise on; interrupted ones must reproduce its metrics."""
-    out = tmp_path_factory.mktemp("reference")
-    proc = torchrun(corpus, out, **LONG)
-    assert proc.returncode == 0, failed(proc)
-    return metrics(out / "word_ptb")
-
-
-def test_sigterm_to_torchrun_checkpoints_once_and_resume_continues_the_losses(corpus, reference, tmp_path):
-    proc = subprocess.Popen(torchrun_args(corpus, tmp_path, **LONG), cwd=REPO, stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True, env={**os.environ, **WORKER_ENV})
+def test_sigterm_to_torchrun_checkpoints_once_and_resume_continues_the_losses(corpus, shared_wd,
+                                                                            interrupted):
+    tmp_path, out, err, _ = interrupted
+    reference = metrics(shared_wd[1])  # the same LONG run by torchrun, uninterrupted
     run = tmp_path / "word_ptb"
-    wait_for_steps(run, 13, proc)
-    proc.send_signal(signal.SIGTERM)  # torchrun forwards it to both workers
-    out, err = proc.communicate(timeout=120)
     assert out.count("SIGTERM received") == 1, out + err  # rank 0 alone speaks
     stopped = int(out.split("stopped after step ")[1].split(";")[0])
     assert 13 <= stopped < LONG["train.max_steps"]
@@ -186,7 +212,7 @@ def test_sigterm_to_torchrun_checkpoints_once_and_resume_continues_the_losses(co
     # One checkpoint for the signal, at the step where both ranks stopped, besides the periodic ones.
     names = [p.name for p in checkpoint.numbered(run)]
     assert names[-1] == f"ckpt-{stopped:08d}.pt"
-    assert all(int(n[5:13]) % 10 == 0 for n in names[:-1])
+    assert all(int(n[5:13]) % LONG["train.checkpoint_every"] == 0 for n in names[:-1])
     assert checkpoint.load(run / "last.pt")["progress"]["step"] == stopped
     assert "exitcode  : " not in err  # no worker failed (torchrun lists failed workers so)
 

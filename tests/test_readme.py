@@ -124,10 +124,38 @@ def invocations(body):
 
 @functools.lru_cache(maxsize=None)
 def help_text(tool):
-    proc = subprocess.run([sys.executable, *TOOLS[tool], "--help"], cwd=REPO, capture_output=True,
-                          text=True, timeout=300, env={**__import__("os").environ, "OMP_NUM_THREADS": "1"})
-    assert proc.returncode == 0, proc.stderr
-    return proc.stdout
+    """``python <tool> --help`` as the documentation runs it, in this process: the script run
+    as ``__main__`` (a ``-m`` module's ``main``) with that argv, its stdout captured, exit
+    status 0. The same parser prints the same help as in a child process, without an
+    interpreter's and torch's start (seconds a tool)."""
+    import contextlib
+    import importlib
+    import io
+    import runpy
+
+    command = TOOLS[tool]
+    out, err = io.StringIO(), io.StringIO()
+    saved_argv, saved_path, cwd = sys.argv, list(sys.path), os.getcwd()
+    os.chdir(REPO)
+    try:
+        # sys.path[0] and sys.argv as `python -m module` (the working directory, the module's
+        # file) and `python script` (the script's folder, the script) set them.
+        script = None if command[0] == "-m" else REPO / command[0]
+        sys.path.insert(0, str(script.parent if script else REPO))
+        module = None if script else importlib.import_module(command[1])
+        target = str(script) if script else module.__file__
+        sys.argv = [target, "--help"]
+        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err), \
+                pytest.raises(SystemExit) as exited:
+            if module:  # `if __name__ == "__main__": sys.exit(main())`
+                sys.exit(module.main())
+            else:
+                runpy.run_path(target, run_name="__main__")
+    finally:  # nor do its sys.path entries (a benchmark's own insertions) outlive its run
+        sys.argv, sys.path[:] = saved_argv, saved_path
+        os.chdir(cwd)
+    assert exited.value.code in (0, None), err.getvalue()
+    return out.getvalue()
 
 
 def config_keys():

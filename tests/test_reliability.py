@@ -1,7 +1,8 @@
 """Crashes, signals, broken checkpoints and bad inputs: nothing is lost, every mistake is one line.
 
-Each test drives the real entry point (a subprocess, or ``train.main`` / ``evaluate.main``
-in-process where a fault has to be injected) and checks the exit code and the message.
+Each test drives the real entry point (a subprocess where a process has to be signalled or
+killed; ``train.main`` / ``evaluate.main`` in-process otherwise, which skips an interpreter's
+start) and checks the exit code and the message.
 """
 import errno
 import http.server
@@ -20,7 +21,7 @@ import pytest
 import torch
 
 import train as train_script
-from conftest import REPO, run_cli, run_main, tiny_overrides, write_tiny_ptb
+from conftest import REPO, run_main, tiny_overrides, write_tiny_ptb
 from flipout_lstm import checkpoint, fileio
 from flipout_lstm.errors import CheckpointError
 
@@ -48,6 +49,16 @@ LONG = {"train.max_steps": 150, "train.checkpoint_every": 10, "train.log_every":
 ONE_THREAD = {"OMP_NUM_THREADS": "1"}  # tiny models run fastest on one thread
 
 
+def train_one_thread(*args):
+    """train.py on word_ptb.yaml in this process, on one thread like the interrupted runs'
+    processes (so their numbers are the same), restoring this process's thread count."""
+    threads = torch.get_num_threads()
+    try:
+        return run_main("train.py", "recipes/word_ptb.yaml", *args, "train.threads=1")
+    finally:
+        torch.set_num_threads(threads)
+
+
 def start_training(data_root, out_dir):
     args = ["train.py", "recipes/word_ptb.yaml", *tiny_overrides(data_root, out_dir, **LONG)]
     return subprocess.Popen([sys.executable, *args], cwd=REPO, stdout=subprocess.PIPE,
@@ -70,7 +81,7 @@ def reference_run(tmp_path_factory):
     """An uninterrupted run; the interrupted ones must reproduce its metrics exactly."""
     root = write_tiny_ptb(tmp_path_factory.mktemp("corpus") / "ptb")
     out = tmp_path_factory.mktemp("reference")
-    proc = run_cli("train.py", "recipes/word_ptb.yaml", *tiny_overrides(root, out, **LONG), env=ONE_THREAD)
+    proc = train_one_thread(*tiny_overrides(root, out, **LONG))
     assert proc.returncode == 0, proc.stderr
     return root, metrics(out / "word_ptb")
 
@@ -83,8 +94,7 @@ def test_sigkill_mid_epoch_then_resume_loses_at_most_one_interval(reference_run,
     proc.wait()
     run = tmp_path / "word_ptb"
     killed_at = max(line["step"] for line in metrics(run))
-    resumed = run_cli("train.py", "recipes/word_ptb.yaml", *tiny_overrides(root, tmp_path, **LONG), "--resume",
-                      env=ONE_THREAD)
+    resumed = train_one_thread(*tiny_overrides(root, tmp_path, **LONG), "--resume")
     assert resumed.returncode == 0, resumed.stderr
     start = int(resumed.stdout.split("(step ")[1].split(")")[0])
     assert 0 <= killed_at - start <= LONG["train.checkpoint_every"]
@@ -105,8 +115,7 @@ def test_signal_saves_a_checkpoint_and_exits_0(reference_run, tmp_path):
     run = tmp_path / "word_ptb"
     stopped_at = int(out.split("stopped after step ")[1].split(";")[0])
     assert checkpoint.load(run / "last.pt")["progress"]["step"] == stopped_at  # nothing redone
-    resumed = run_cli("train.py", "recipes/word_ptb.yaml", *tiny_overrides(root, tmp_path, **LONG), "--resume",
-                      env=ONE_THREAD)
+    resumed = train_one_thread(*tiny_overrides(root, tmp_path, **LONG), "--resume")
     assert resumed.returncode == 0, resumed.stderr
     assert metrics(run) == expected
 
@@ -179,8 +188,7 @@ def test_two_processes_cannot_train_one_run_directory(reference_run, tmp_path, c
     proc.communicate()
     assert (run / "train.lock").read_text() == f"{proc.pid}\n"
     # A new process takes the run over (a few steps suffice: exact resume is tested above).
-    resumed = run_cli("train.py", "recipes/word_ptb.yaml", *tiny_overrides(root, tmp_path, **LONG),
-                      "train.max_steps=12", "--resume", env=ONE_THREAD)
+    resumed = train_one_thread(*tiny_overrides(root, tmp_path, **LONG), "train.max_steps=12", "--resume")
     assert resumed.returncode == 0, resumed.stderr
     assert "resuming from" in resumed.stdout and "(step 10)" in resumed.stdout
     assert checkpoint.load(run / "last.pt")["progress"]["step"] == 12

@@ -2,6 +2,7 @@
 import csv
 import json
 import math
+import shlex
 import signal
 import statistics
 import struct
@@ -72,7 +73,13 @@ def test_sweep_runs_each_recipe_and_seed_then_skips_them(swept, capsys):
 def test_sweep_resumes_an_interrupted_run_exactly(tiny_ptb, tmp_path, monkeypatch):
     over = tiny(tiny_ptb, **{"train.checkpoint_every": 2, "train.log_every": 1, "train.max_steps": 9})
     reference = tmp_path / "ref"
-    assert sweep.main(["recipes/word_ptb.yaml", "--seeds", "5", "--out", str(reference), *over]) == 0
+    # The uninterrupted run, trained in this process with exactly the arguments a sweep's child
+    # gets (the resumed run below is a real sweep, its child a process of its own).
+    (ref_job,) = sweep.plan(sweep.parse_args(["recipes/word_ptb.yaml", "--seeds", "5", "--out", str(reference),
+                                              *over]))
+    assert ref_job.train_args() == ["recipes/word_ptb.yaml", *over, "train.seed=5", f"train.out_dir={reference}",
+                                    "train.run_name=word_ptb-s5", "train.progress=false"]
+    assert train_script.main(ref_job.train_args()) == 0
     out = tmp_path / "sweep"
     with monkeypatch.context() as m:  # a machine that dies at step 5, as train.py would run it
         crash_at(m, 5)
@@ -127,20 +134,21 @@ def test_sweep_rejects_bad_plans_before_running(tiny_ptb, tmp_path, capsys):
     assert proc.returncode == 2 and len(err) == 1 and "repeats a seed" in err[0], proc.stderr
 
 
-def test_print_commands(tiny_ptb, tmp_path):
+def test_print_commands(tiny_ptb, tmp_path, capsys):
     out = tmp_path / "sweep"
-    proc = run_cli("-m", "flipout_lstm.sweep", "recipes/word_ptb.yaml", "--seeds", "1,2", "--out", out,
-                   "--print-commands", *tiny(tiny_ptb))
-    assert proc.returncode == 0
-    cmds = proc.stdout.strip().splitlines()
+    argv = ["recipes/word_ptb.yaml", "--seeds", "1,2", "--out", str(out), "--print-commands", *tiny(tiny_ptb)]
+    assert sweep.main(argv) == 0
+    cmds = capsys.readouterr().out.strip().splitlines()
     assert len(cmds) == 2 and all(c.startswith("python train.py recipes/word_ptb.yaml ") for c in cmds)
     assert "train.seed=2" in cmds[1] and f"train.run_name=word_ptb-s2" in cmds[1]
     assert not out.exists()  # printing runs nothing
     # The printed command is the real one: run it, and the sweep counts the run as done.
-    args = cmds[0].split()[2:]
-    assert run_cli("train.py", *args).returncode == 0
-    again = run_cli("-m", "flipout_lstm.sweep", "recipes/word_ptb.yaml", "--seeds", "1,2", "--out", out,
-                    "--print-commands", *tiny(tiny_ptb)).stdout.splitlines()
+    # (train.py's main() in this process: `python train.py ARGS` is `sys.exit(main(ARGS))`.)
+    args = shlex.split(cmds[0])[2:]
+    assert train_script.main(args) == 0
+    capsys.readouterr()
+    assert sweep.main(argv) == 0
+    again = capsys.readouterr().out.splitlines()
     assert again[0] == "# word_ptb-s1: done" and again[1] == cmds[1]
 
 
@@ -262,17 +270,33 @@ def test_report_reach_gives_the_first_evaluation_at_or_below_a_score(swept, tmp_
         s for s in (step3, step4) if s is not None)
     assert csv_row["reached_valid_le_1"] == "0" and csv_row["steps_to_valid_le_1"] == ""
     # One score cannot serve bits per character and perplexity at once; scores must be scores.
+    capsys.readouterr()
     for reach, message in (("2", "mix bpc and ppl"), ("800,abc", "positive scores separated"),
                            ("-5", "positive scores separated")):
-        proc = run_cli("-m", "flipout_lstm.report", str(runs), "--out", tmp_path / "r", "--reach", reach)
-        assert proc.returncode == 2 and message in proc.stderr, (reach, proc.stderr)
+        code = report.main([str(runs), "--out", str(tmp_path / "r"), "--reach", reach])
+        err = capsys.readouterr().err
+        assert code == 2 and message in err, (reach, err)
 
 
 def test_report_groups_ignore_seed_but_not_settings(tiny_ptb, tmp_path):
     runs = tmp_path / "sweep"
-    for lr in (1.0, 2.0):
-        assert sweep.main(["recipes/word_wd.yaml", "--seeds", "1", "--out", str(runs / f"lr{lr}"),
-                           *tiny(tiny_ptb), f"optim.lr={lr}"]) == 0
+    for lr, ppl in ((1.0, 130.0), (2.0, 120.0)):
+        # The run directory such a sweep leaves (grouping reads config.yaml and metrics.jsonl),
+        # written here rather than trained: the config is the one train.py would resolve and
+        # save for that sweep's run, and the metrics a finished run's lines.
+        (job,) = sweep.plan(sweep.parse_args(["recipes/word_wd.yaml", "--seeds", "1", "--out",
+                                              str(runs / f"lr{lr}"), *tiny(tiny_ptb), f"optim.lr={lr}"]))
+        cfg = sweep.validated(job)
+        assert cfg.optim.lr == lr and cfg.train.run_name == "word_wd-s1"
+        job.run_dir.mkdir(parents=True)
+        (job.run_dir / "config.yaml").write_text(cfg.to_yaml())
+        metrics = [{"step": 3, "split": "train", "loss": 5.2, "ppl": 181.3},
+                   {"step": 3, "split": "valid", "loss": math.log(ppl), "ppl": ppl, "epoch": 0.5},
+                   {"step": 6, "split": "valid", "loss": math.log(ppl - 5), "ppl": ppl - 5, "epoch": 1.0},
+                   {"step": 6, "split": "valid", "loss": math.log(ppl - 5), "ppl": ppl - 5, "best": True},
+                   {"step": 6, "split": "test", "loss": math.log(ppl - 8), "ppl": ppl - 8, "best": True}]
+        (job.run_dir / "metrics.jsonl").write_text("".join(json.dumps(m) + "\n" for m in metrics))
+        assert job.state() == "done"
     groups = report.group_runs(report.find_runs([runs]))
     assert len(groups) == 2 and all(len(g.runs) == 1 for g in groups)
     row = groups[0].summary()
@@ -298,14 +322,19 @@ def test_a_curve_of_one_point_is_drawn_with_a_marker(tmp_path):
         plt.close(fig)
 
 
-def test_report_errors(tmp_path):
+def test_report_errors(tmp_path, capsys):
     (tmp_path / "empty").mkdir()
     for args, message in [([str(tmp_path / "nope")], "does not exist"),
                           ([str(tmp_path / "empty")], "holds no run directories"),
                           ([str(tmp_path / "empty"), "--x", "time"], "must be one of epochs, steps, wall")]:
-        proc = run_cli("-m", "flipout_lstm.report", *args, "--out", tmp_path / "r")
-        assert proc.returncode == 2 and message in proc.stderr, (args, proc.stderr)
-        assert len(proc.stderr.strip().splitlines()) == 1
+        code = report.main([*args, "--out", str(tmp_path / "r")])
+        err = capsys.readouterr().err
+        assert code == 2 and message in err, (args, err)
+        assert len(err.strip().splitlines()) == 1
+    # The same from the command line: exit status 2 and the one line.
+    proc = run_cli("-m", "flipout_lstm.report", tmp_path / "nope", "--out", tmp_path / "r")
+    assert proc.returncode == 2 and "does not exist" in proc.stderr, proc.stderr
+    assert len(proc.stderr.strip().splitlines()) == 1
 
 
 def test_report_groups_a_run_older_than_a_field_with_one_holding_its_default():

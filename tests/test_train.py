@@ -7,7 +7,7 @@ import torch
 
 import train as train_script
 from flipout_lstm.signals import StopNow, StopSignal
-from conftest import run_cli, tiny_overrides
+from conftest import run_cli, run_main, tiny_overrides
 from flipout_lstm import checkpoint
 from flipout_lstm.model import LanguageModel
 
@@ -126,14 +126,14 @@ def test_early_stopping(tiny_ptb, tmp_path):
 
 def test_evaluate_char_run_on_real_ptb(ptb_root, tmp_path):
     out = tmp_path / "runs"
-    proc = run_cli("train.py", "recipes/char_ptb.yaml", "train.max_steps=20", "model.hidden_size=64",
+    proc = run_main("train.py", "recipes/char_ptb.yaml", "train.max_steps=20", "model.hidden_size=64",
                    f"train.out_dir={out}", "train.progress=false", "data.eval_batch_size=200",
                    env={"LM_DATA_ROOT": str(ptb_root)})
     assert proc.returncode == 0, proc.stderr
     run = out / "char_ptb"
     assert list((run / "tb").glob("events.out.tfevents.*"))
     assert "442,423 test tokens" in proc.stdout
-    proc = run_cli("evaluate.py", run / "best.pt", "--json", "--batch-size", "200",
+    proc = run_main("evaluate.py", run / "best.pt", "--json", "--batch-size", "200",
                    env={"LM_DATA_ROOT": str(ptb_root)})
     assert proc.returncode == 0, proc.stderr
     result = json.loads(proc.stdout)

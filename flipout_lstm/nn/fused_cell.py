@@ -263,8 +263,7 @@ void post(int64_t n, const Tensor &p0, const Opt &m, const Opt &p1, const Opt &m
     f(n, p0, m, p1, ms, zh, dh, dout, dh_prev);
 }
 
-/* Registered as torch operators (torch.ops.<name>.fwd, ...): <torch/library.h> compiles in a
-   fraction of the time of <torch/extension.h>, which brings pybind11 and the whole C++ API.
+/* torch operators, torch.ops.<name>.fwd etc. (why not pybind11: the module docstring);
    (a!) marks what each function writes. */
 TORCH_LIBRARY(TORCH_EXTENSION_NAME, lib) {
     lib.def("fwd(int B, int H, Tensor xp, Tensor p0, Tensor? p1, Tensor? r, Tensor(a!) acts, "

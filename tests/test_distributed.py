@@ -21,7 +21,6 @@ import sys
 import pytest
 import torch
 
-import train as train_script
 from conftest import REPO, run_main, tiny_overrides, write_tiny_ptb
 from flipout_lstm import checkpoint, distributed
 from test_reliability import wait_for_steps
@@ -69,14 +68,11 @@ def corpus(tmp_path_factory):
 
 
 def one_process(corpus, out, *extra, **settings):
-    cwd = os.getcwd()
-    os.chdir(REPO)
-    try:
-        assert train_script.main(["recipes/word_ptb.yaml", *tiny_overrides(corpus, out, **settings),
-                                  *extra]) == 0
-    finally:
-        os.chdir(cwd)
-    return metrics(out / "word_ptb")
+    """train.py in this process on the tiny corpus: the run's metrics and what it printed."""
+    proc = run_main("train.py", "recipes/word_ptb.yaml", *tiny_overrides(corpus, out, **settings),
+                    *extra)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    return metrics(out / "word_ptb"), proc
 
 
 @pytest.fixture(scope="module")
@@ -151,7 +147,7 @@ def test_ddp_with_noise_equals_one_process_of_the_same_global_batch(corpus, tmp_
         proc = torchrun(corpus, tmp_path / "two", **settings)
         assert proc.returncode == 0, failed(proc)
         two = metrics(tmp_path / "two" / "word_ptb")
-        one = one_process(corpus, tmp_path / "one", **settings)
+        one, _ = one_process(corpus, tmp_path / "one", **settings)
     rel = max(abs(x["loss"] - y["loss"]) / abs(x["loss"]) for x, y in zip(one, two))
     assert len(one) == len(two) and rel < 1e-5, rel
     if settings.get("model.lstm.flipout") == "false":  # a shared mask: per_rank would not share it
@@ -182,7 +178,7 @@ def interrupted(corpus, tmp_path_factory):
     return out, stdout, stderr, copy
 
 
-def test_ddp_checkpoint_resumes_in_one_process_exactly(corpus, shared_wd, interrupted, capsys):
+def test_ddp_checkpoint_resumes_in_one_process_exactly(corpus, shared_wd, interrupted):
     """With one noise stream on every rank, a run written by two processes continues in one (or
     any number) exactly: the losses after the resume are an uninterrupted run's (one process's,
     which two ranks' equal: the tests above)."""
@@ -191,9 +187,8 @@ def test_ddp_checkpoint_resumes_in_one_process_exactly(corpus, shared_wd, interr
     assert len(saved["rng_ranks"]) == 2  # written by two processes
     stopped = saved["progress"]["step"]
     assert 13 <= stopped < LONG["train.max_steps"]
-    capsys.readouterr()
-    b = one_process(corpus, copy, "--resume", **LONG)
-    out, err = capsys.readouterr()
+    b, proc = one_process(corpus, copy, "--resume", **LONG)
+    out, err = proc.stdout, proc.stderr
     assert f"(step {stopped})" in out and "streams restart" not in err, out + err
     a = metrics(shared_wd[0])  # one process, uninterrupted
     assert [(l["step"], l["split"]) for l in a] == [(l["step"], l["split"]) for l in b]

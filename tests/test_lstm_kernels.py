@@ -12,7 +12,8 @@ DT = torch.float64
 T, B, H = 5, 3, 4
 
 CELLS = ["torch"] + (["fused"] if fused_cell.library() is not None else [])
-ONEDNN = products.uses_onednn(torch.device("cpu"), torch.float32)
+ONEDNN = products.uses_onednn(torch.device("cpu"), torch.float32)     # the rule, on this CPU
+ONEDNN_RUNS = products.onednn_available(torch.float32)                  # the op, in this build
 
 
 def _inputs(dtype, variant, gen):
@@ -44,11 +45,12 @@ def _run(leaves, noise):
 
 
 def _with(monkeypatch, cell=None, onednn=None):
-    """Pin the cell ("torch" or "fused") and whether products use oneDNN."""
+    """Pin the cell ("torch" or "fused") and whether products use oneDNN (on any CPU ISA)."""
     if cell == "torch":
         monkeypatch.setattr(fused_cell, "supports", lambda *a, **k: False)
-    if onednn is False:
-        monkeypatch.setattr(products, "uses_onednn", lambda device, dtype: False)
+    if onednn is not None:
+        monkeypatch.setattr(products, "uses_onednn", lambda device, dtype: onednn and (
+            torch.device(device).type == "cpu" and products.onednn_available(dtype)))
 
 
 VARIANTS = ["plain", "flip", "gal", "zone", "sem", "zexp", "flip+gal+zone+sem", "gal+sem"]
@@ -95,15 +97,16 @@ def test_cells_agree_on_bfloat16_products(variant, monkeypatch):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
 
 
-@pytest.mark.skipif(not ONEDNN, reason="oneDNN matmul unavailable in this torch build")
+@pytest.mark.skipif(not ONEDNN_RUNS, reason="oneDNN matmul unavailable in this torch build")
 @pytest.mark.parametrize("variant", ["flip+gal", "gal+zone", "plain"])
 @pytest.mark.parametrize("cell", CELLS)
 def test_onednn_and_mm_products_agree(variant, cell, monkeypatch):
-    """float32: oneDNN (the CPU rule) against ``mm`` / ``bmm`` (the rule elsewhere)."""
+    """float32: oneDNN (the rule on AVX-512 CPUs) against ``mm`` / ``bmm`` (the rule on AVX2
+    and elsewhere), each pinned, so both paths are tested on either CPU."""
     leaves64, noise64 = _inputs(DT, variant, torch.Generator().manual_seed(2))
     leaves = [t.detach().float().requires_grad_(True) for t in leaves64]
     noise = [None if t is None else t.float() for t in noise64]
-    _with(monkeypatch, cell=cell)
+    _with(monkeypatch, cell=cell, onednn=True)
     got = _run(leaves, noise)
     assert recurrence.last_kernels["products"] == "onednn"
     with monkeypatch.context() as mp:
@@ -115,17 +118,19 @@ def test_onednn_and_mm_products_agree(variant, cell, monkeypatch):
 
 
 def test_the_rule(monkeypatch):
-    """oneDNN for CPU float32 / bfloat16 where its probe passes, ``mm`` for everything else;
-    nothing is timed (the choice runs with every clock broken) and it is fixed: asking again,
-    or after forward calls, gives the same answer, and the recurrence reports it."""
+    """oneDNN for CPU bfloat16, and float32 on AVX-512, where its probe passes; ``mm`` for
+    everything else; nothing is timed (the choice runs with every clock broken) and it is
+    fixed: asking again, or after forward calls, gives the same answer, and the recurrence
+    reports it."""
     cpu = torch.device("cpu")
     for device, dtype in [(cpu, torch.float64), (cpu, torch.float16),
                           (torch.device("cuda"), torch.float32),
                           (torch.device("cuda"), torch.bfloat16)]:
         assert not products.uses_onednn(device, dtype) and products.kernel_name(device, dtype) == "mm"
-    # This torch build has oneDNN's matmul: float32 on the CPU takes it.
+    # This torch build has oneDNN's matmul: float32 on an AVX-512 CPU takes it, on AVX2 not.
     if torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise"):
-        assert ONEDNN
+        assert ONEDNN_RUNS
+    assert ONEDNN == (ONEDNN_RUNS and torch.backends.cpu.get_cpu_capability().startswith("AVX512"))
 
     def no_clock(*a):
         raise AssertionError("the kernel rule must not time anything")
@@ -144,12 +149,26 @@ def test_the_rule(monkeypatch):
     assert recurrence.last_kernels["products"] == "mm"
 
 
-@pytest.mark.skipif(not ONEDNN, reason="oneDNN matmul unavailable in this torch build")
+@pytest.mark.parametrize("isa", ["AVX2", "AVX512", "DEFAULT"])
+def test_the_rule_follows_the_cpu_isa(isa, monkeypatch):
+    """float32 takes oneDNN only where torch's CPU kernels are AVX-512 (on AVX2, MKL's ``mm``
+    is the faster: docs/performance.md); bfloat16 takes oneDNN wherever it runs."""
+    monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda: isa)
+    cpu = torch.device("cpu")
+    assert products.uses_onednn(cpu, torch.float32) == (isa == "AVX512" and ONEDNN_RUNS)
+    assert products.uses_onednn(cpu, torch.bfloat16) == products.onednn_available(torch.bfloat16)
+    leaves, noise = _inputs(torch.float32, "flip", torch.Generator().manual_seed(5))
+    _run(leaves, noise)
+    assert recurrence.last_kernels["products"] == products.kernel_name(cpu, torch.float32)
+
+
+@pytest.mark.skipif(not ONEDNN_RUNS, reason="oneDNN matmul unavailable in this torch build")
 @pytest.mark.parametrize("fault", ["missing", "wrong"])
 def test_a_failed_onednn_probe_falls_back_to_mm(fault, monkeypatch):
     """The op missing from the build (it raises), or giving wrong numbers on the probe's fixed
     values: the rule is ``mm``, and the recurrence runs on it with the same results."""
     leaves, noise = _inputs(torch.float32, "flip+gal", torch.Generator().manual_seed(4))
+    monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda: "AVX512")
     ref = _run(leaves, noise)
     assert recurrence.last_kernels["products"] == "onednn"
     real = products._onednn_lp()
@@ -184,6 +203,8 @@ def test_kernel_probes_draw_nothing_from_the_global_rng(kw, monkeypatch):
     monkeypatch.setattr(fused_cell, "_tried", False)
     monkeypatch.setattr(fused_cell, "_lib", None)
     monkeypatch.setattr(products, "_onednn_ok", {})
+    # An AVX-512 CPU's rule, where float32 asks the probe (on AVX2 it would not run for float32).
+    monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda: "AVX512")
     torch.manual_seed(0)
     lstm = LSTM(6, 24, **kw)
     x = torch.randn(5, 4, 6)
@@ -193,7 +214,7 @@ def test_kernel_probes_draw_nothing_from_the_global_rng(kw, monkeypatch):
     assert torch.equal(torch.get_rng_state(), state)
     assert fused_cell._tried and fused_cell._lib is lib            # the cell's first use ran
     assert list(products._onednn_ok) == [torch.float32]            # and the probe did
-    assert recurrence.last_kernels == {"products": "onednn" if ONEDNN else "mm",
+    assert recurrence.last_kernels == {"products": "onednn" if ONEDNN_RUNS else "mm",
                                        "cell": CELLS[-1]}
 
 

@@ -1,21 +1,23 @@
-"""The layer's matrix products, each by one fixed kernel per device and dtype.
+"""The layer's matrix products, each by one fixed kernel per device, dtype and CPU ISA.
 
-Rule: on the CPU, float32 and bfloat16 products go through oneDNN's matmul primitive
-(``torch.ops.mkldnn._linear_pointwise``, the op torch's own CPU compiler emits for
-``linear``; where this torch build lacks it, or it fails a probe on fixed values, plain
-``mm``); everything else (CUDA, float64, float16 on the CPU) uses ``mm`` / ``addmm`` /
-``bmm``, the very ops (and so the numbers) the layer used before the rule. Nothing is timed,
-so a run's numbers never depend on which kernel won a race.
+Rule: on the CPU, bfloat16 products, and float32 products where torch's CPU kernels are
+AVX-512, go through oneDNN's matmul primitive (``torch.ops.mkldnn._linear_pointwise``, the op
+torch's own CPU compiler emits for ``linear``; where this torch build lacks it, or it fails a
+probe on fixed values, plain ``mm``); everything else (float32 on AVX2 and other CPUs, CUDA,
+float64, float16 on the CPU) uses ``mm`` / ``addmm`` / ``bmm``, the very ops (and so the
+numbers) the layer used before the rule. Nothing is timed, so a run's numbers never depend
+on which kernel won a race; what a run used is in its ``run.json`` (the CPU's ISA).
 
-Why oneDNN: ``torch.mm`` / ``addmm`` / ``F.linear`` run float32 through MKL, which on AMD
-CPUs is slower than oneDNN's own kernels for most of these shapes. Measured on an AVX-512
-EPYC, 1 thread, float32, median of 7: the word shape's input projection (1400 x 650 by
-650 x 2600) 1.13x faster through oneDNN, its input gradient 1.60x, its weight gradient
-1.57x, flipout's pair of recurrent weight gradients 1.18x; the character shape's recurrent
-weight gradient (4000 x 3200 by 3200 x 1000) 1.06x, its flipout pair even with MKL's
-``bmm``. For the per-step products (32 x 1000 by 1000 x 4000 at the character shape) the
-timed choice this rule replaces picked oneDNN over MKL-packed, ``mm`` and ``bmm`` at both
-shapes, on this CPU and on an AVX2 EPYC (there 1.4-1.6x faster than ``mm``).
+Why: ``torch.mm`` / ``addmm`` / ``F.linear`` run float32 through MKL, which on the AVX-512
+AMD EPYCs reaches 67-95 GFLOP/s on this layer's large products against oneDNN's 110-211, so
+there oneDNN wins: 1 thread, float32, median of 7, the word shape's input projection (1400 x
+650 by 650 x 2600) 1.13x faster through oneDNN, its input gradient 1.60x, its weight gradient
+1.57x, flipout's pair of recurrent weight gradients 1.18x, the per-step products at both
+shapes too. On an AVX2-only EPYC MKL's code is the faster: alternately in one process, 1
+thread (``benchmarks/product_kernels.py``, 2026-12-03), flipout's products at the character
+shape cost 1.96-2.00x ``torch.nn.LSTM`` through ``mm`` against 2.08-2.17x through oneDNN
+(the pair's weight gradients 1.21-1.24x faster through ``bmm``); at the word shape the two
+are within 2% (``docs/performance.md``).
 
 * :class:`Linear` / :class:`Pair`: the per-step product(s) ``h ↦ h Wᵀ`` of the recurrence,
   the weight prepared once per call (oneDNN: reordered for the batch; ``mm``: a contiguous
@@ -63,13 +65,21 @@ def _probe(dtype: torch.dtype) -> bool:
         return False
 
 
-def uses_onednn(device: torch.device, dtype: torch.dtype) -> bool:
-    """The rule: oneDNN for CPU float32 / bfloat16 where it runs, else ``mm``."""
-    if torch.device(device).type != "cpu" or dtype not in (torch.float32, torch.bfloat16):
-        return False
+def onednn_available(dtype: torch.dtype) -> bool:
+    """Whether oneDNN's matmul runs in this build for ``dtype`` (the probe, once per dtype)."""
     if dtype not in _onednn_ok:
         _onednn_ok[dtype] = _probe(dtype)
     return _onednn_ok[dtype]
+
+
+def uses_onednn(device: torch.device, dtype: torch.dtype) -> bool:
+    """The rule: oneDNN for CPU bfloat16, and for CPU float32 where torch's CPU kernels are
+    AVX-512, where it runs; else ``mm``."""
+    if torch.device(device).type != "cpu" or dtype not in (torch.float32, torch.bfloat16):
+        return False
+    if dtype == torch.float32 and not torch.backends.cpu.get_cpu_capability().startswith("AVX512"):
+        return False
+    return onednn_available(dtype)
 
 
 def kernel_name(device: torch.device, dtype: torch.dtype) -> str:

@@ -1,0 +1,74 @@
+"""The product-kernel benchmark (benchmarks/product_kernels.py): its rule pinning really moves
+the layer's products between oneDNN and ``mm``, and its ``--quick`` table, in process."""
+import re
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from flipout_lstm.nn import products
+
+BENCH = Path(__file__).resolve().parent.parent / "benchmarks"
+ONEDNN_RUNS = products.onednn_available(torch.float32)
+ROWS = ["per-step forward pair", "per-step backward pair", "weight gradients of the pair",
+        "input projection", "its input gradient", "its weight gradient"]
+
+
+@pytest.fixture
+def bench(monkeypatch):
+    monkeypatch.syspath_prepend(str(BENCH))
+    sys.modules.pop("product_kernels", None)
+    import product_kernels
+    return product_kernels
+
+
+@pytest.mark.skipif(not ONEDNN_RUNS, reason="oneDNN's matmul does not run in this torch build")
+def test_pinned_moves_every_product_and_restores_the_rule(bench):
+    cpu, f32 = torch.device("cpu"), torch.float32
+    rule = products.kernel_name(cpu, f32)
+    w = torch.randn(2, 12, 3)
+    for onednn, name in ((True, "onednn"), (False, "mm")):
+        with bench.pinned(onednn):
+            assert products.kernel_name(cpu, f32) == name
+            assert products.kernel_name(cpu, torch.bfloat16) == (
+                name if products.onednn_available(torch.bfloat16) else "mm")
+            assert products.kernel_name(cpu, torch.float64) == "mm"       # never oneDNN
+            assert products.Pair(w, 4).onednn is onednn
+        assert products.kernel_name(cpu, f32) == rule
+    with pytest.raises(RuntimeError), bench.pinned(True):
+        raise RuntimeError("a failing product")
+    assert products.kernel_name(cpu, f32) == rule                         # restored on error
+
+
+@pytest.mark.skipif(not ONEDNN_RUNS, reason="oneDNN's matmul does not run in this torch build")
+def test_quick_prints_the_rule_and_a_table_whose_ratios_are_its_columns(bench, capsys):
+    assert bench.main(["--quick", "--rounds", "2",
+                       "--threads", str(torch.get_num_threads())]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0].startswith("CPU: ") and "; ISA: " in lines[0]
+    rule = products.kernel_name(torch.device("cpu"), torch.float32)
+    assert lines[1] == (f"The rule here (torch's CPU kernels: "
+                        f"{torch.backends.cpu.get_cpu_capability()}): float32 products through "
+                        f"{rule}")
+    head = re.fullmatch(r"### quick: batch 8, 10 steps, 64 -> 128, one layer's products "
+                        r"\(median ms; torch.nn.LSTM fwd\+bwd ([\d.]+) ms\)", lines[3])
+    assert head, lines[3]
+    assert lines[4:7] == ["", "| product | oneDNN | mm/bmm | oneDNN / mm |", "|---|---:|---:|---:|"]
+    rows = [[c.strip() for c in ln[1:-1].split("|")] for ln in lines[7:] if ln.startswith("|")]
+    assert [r[0] for r in rows] == ROWS + ["**all, vs torch.nn.LSTM**"]
+    for name, a, b, ratio in rows[:-1]:          # the ratio is its two columns' (2 dp rounding)
+        a, b, ratio = float(a), float(b), float(ratio)
+        assert a >= 0.01 and b >= 0.01, (name, a, b)
+        assert abs(ratio * b - a) <= 0.005 * (1 + ratio) + 0.005 * b, (name, a, b, ratio)
+    one, mm = (float(c.strip("*x")) for c in rows[-1][1:3])
+    assert one > 0 and mm > 0
+    assert float(rows[-1][3]) == pytest.approx(one / mm, abs=0.02 + 0.02 * one / mm)
+
+
+def test_rounds_below_one_is_a_one_line_error(bench, capsys):
+    with pytest.raises(SystemExit) as exc:
+        bench.main(["--quick", "--rounds", "0"])
+    assert exc.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1].endswith("error: --rounds must be at least 1, got 0"), err

@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
-# One call on a lent GPU machine (under 8 minutes): the CUDA tests, then the LSTM speed
-# benchmark on the GPU in float32 and in bf16, all written to ${OUT:-.}/device_check.md.
+# One call on a lent GPU machine (under 8 minutes): the CUDA tests (the layer, and train.py /
+# evaluate.py end to end per precision), then the LSTM speed benchmark on the GPU in float32
+# and in bf16, all written to ${OUT:-.}/device_check.md.
 #
 #     bash benchmarks/device_check.sh          # from anywhere; runs in the repository root
 #
@@ -49,7 +50,8 @@ step 20 "nvidia-smi" nvidia-smi
 step 40 "torch and CUDA versions" "$py" -c 'import torch; print(torch.__version__, torch.version.cuda); print("cuda available:", torch.cuda.is_available(), "devices:", torch.cuda.device_count()); torch.cuda.is_available() and print(torch.cuda.get_device_name(0), "capability", torch.cuda.get_device_capability(0))'
 step 210 "CUDA tests (skipped without a GPU)" "$py" -m pytest -q -rs \
     tests/test_lstm_precision.py tests/test_lstm_equivalence.py tests/test_lstm_noise.py \
-    tests/test_lstm_kernels.py tests/test_lstm_packed.py
+    tests/test_lstm_kernels.py tests/test_lstm_packed.py tests/test_lstm_workspace.py \
+    tests/test_precision.py tests/test_train_cuda.py
 for prec in fp32 bf16; do
     step 100 "lstm_speed.py --device cuda --precision $prec" "$py" benchmarks/lstm_speed.py \
         --device cuda --precision "$prec" --shape both --no-independent --bayesian-steps 0 \

@@ -39,9 +39,7 @@ def pinned(onednn: bool):
     """The layer's products with the rule pinned: oneDNN for every CPU float32/bfloat16
     product (where it runs), or ``mm`` for all of them."""
     rule = products.uses_onednn
-    products.uses_onednn = lambda device, dtype: (
-        onednn and torch.device(device).type == "cpu"
-        and dtype in (torch.float32, torch.bfloat16) and products.onednn_available(dtype))
+    products.uses_onednn = lambda device, dtype: onednn and products.onednn_runs(device, dtype)
     try:
         yield
     finally:

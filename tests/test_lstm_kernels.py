@@ -49,8 +49,8 @@ def _with(monkeypatch, cell=None, onednn=None):
     if cell == "torch":
         monkeypatch.setattr(fused_cell, "supports", lambda *a, **k: False)
     if onednn is not None:
-        monkeypatch.setattr(products, "uses_onednn", lambda device, dtype: onednn and (
-            torch.device(device).type == "cpu" and products.onednn_available(dtype)))
+        monkeypatch.setattr(products, "uses_onednn",
+                            lambda device, dtype: onednn and products.onednn_runs(device, dtype))
 
 
 VARIANTS = ["plain", "flip", "gal", "zone", "sem", "zexp", "flip+gal+zone+sem", "gal+sem"]

@@ -153,12 +153,13 @@ def test_ptb_scale_recipe_changes_only_the_size_and_the_budget(recipe):
                 small.optim.clip) == (32, 100, "amsgrad", 0.002, 1.0)
 
 
-def test_the_precision_pilot_is_its_row_in_float32():
-    pilot = load_config(REPO / "recipes" / "ptb" / "pilots" / "char_unregularized_fp32.yaml")
-    row = load_config(REPO / "recipes" / "ptb" / "char_unregularized.yaml")
-    a, b = flat(pilot.to_dict()), flat(row.to_dict())
+@pytest.mark.parametrize("row", ["char_unregularized", "char_mult_gauss"])
+def test_the_precision_pilots_are_their_rows_in_float32(row):
+    pilot = load_config(REPO / "recipes" / "ptb" / "pilots" / f"{row}_fp32.yaml")
+    recipe = load_config(REPO / "recipes" / "ptb" / f"{row}.yaml")
+    a, b = flat(pilot.to_dict()), flat(recipe.to_dict())
     assert {k for k in a if a[k] != b[k]} == {"train.precision", "train.run_name"}
-    assert (pilot.train.precision, row.train.precision) == ("fp32", "bf16")
+    assert (pilot.train.precision, recipe.train.precision) == ("fp32", "bf16")
 
 
 def test_the_ptb_large_batch_pair_differs_only_in_flipout():

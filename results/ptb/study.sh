@@ -39,10 +39,11 @@ case "${1:?usage: study.sh $parts}" in
     # Zaremba et al.'s small model, the published result the trainer is anchored to.
     sweep recipes/zaremba_small.yaml --seeds "${SEEDS:-1}" --out "$out/anchor" ;;
   pilots)
-    # The precision pilot: Table 2's unregularized row in float32, beside its bfloat16 seeds.
-    # (The sizing pilot, $r/pilots/char_512_2m.yaml, is this run's first 13 epochs, patience
-    # aside.)
-    sweep $r/pilots/char_unregularized_fp32.yaml --seeds 1,2,3 --out "$out/pilots" ;;
+    # The precision pilots: Table 2's unregularized and Mult. Gauss rows in float32, beside
+    # their bfloat16 seeds. (The sizing pilot, $r/pilots/char_512_2m.yaml, is the first run's
+    # first 13 epochs, patience aside.)
+    sweep $r/pilots/char_unregularized_fp32.yaml --seeds 1,2,3 --out "$out/pilots"
+    sweep $r/pilots/char_mult_gauss_fp32.yaml --seeds 1 --out "$out/pilots" ;;
   word-key)
     # The key rows of Table 3: seed 1 of each, then seeds 2 and 3.
     sweep "${word_key[@]}" --seeds 1 --out "$out/word"

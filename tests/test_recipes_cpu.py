@@ -1,5 +1,6 @@
 """Recipe inheritance (``base:``), the reduced-scale recipes and the training-split prefix."""
 import dataclasses
+import os
 import re
 import subprocess
 
@@ -189,3 +190,21 @@ def test_the_files_a_study_collects_are_not_ignored_by_git(study):
     ignored = subprocess.run(["git", "check-ignore", "--no-index", *paths], cwd=REPO,
                              capture_output=True, text=True).stdout.split()
     assert ignored == [], f"git ignores collected run files: {ignored}"
+
+
+def test_a_study_part_on_a_new_machine_skips_the_runs_committed_here(tmp_path):
+    """``study.sh anchor`` with an empty output folder (a new machine) copies the committed
+    runs' files into it, so the sweep counts them done instead of training them again."""
+    runs = sorted(p.name for p in (REPO / "results" / "ptb" / "anchor" / "runs").iterdir())
+    seeds = ",".join(r.rsplit("-s", 1)[1] for r in runs)
+    env = dict(os.environ, STUDY_OUT=str(tmp_path), SEEDS=seeds)
+    res = subprocess.run(["bash", "results/ptb/study.sh", "anchor"], cwd=REPO, env=env,
+                         capture_output=True, text=True, timeout=120)
+    assert res.returncode == 0, res.stderr[-2000:]
+    assert f"all {len(runs)} runs done" in res.stdout, res.stdout
+    assert res.stdout.count(", skipped") == len(runs), res.stdout
+    for run in runs:
+        got = sorted(p.name for p in (tmp_path / "anchor" / run).iterdir())
+        assert got == ["config.yaml", "metrics.jsonl", "run.json"], (run, got)  # nothing trained
+        assert ((tmp_path / "anchor" / run / "metrics.jsonl").read_bytes()
+                == (REPO / "results" / "ptb" / "anchor" / "runs" / run / "metrics.jsonl").read_bytes())

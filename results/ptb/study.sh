@@ -11,6 +11,16 @@ export OMP_NUM_THREADS=1
 out=${STUDY_OUT:-checkpoints/ptb}
 common=(train.tensorboard=false train.threads=1)
 sweep() { python -m flipout_lstm.sweep "$@" "${common[@]}"; }
+# A new machine's $out lacks the runs committed here: copy their files in (never over a run
+# dir already there), so that the sweep counts them done instead of training them again.
+committed() {
+  local run into
+  for run in results/ptb/"$1"/runs/*/; do
+    [ -d "$run" ] || continue
+    into=$out/$1/$(basename "$run")
+    [ -e "$into" ] || { mkdir -p "$into" && cp "$run"/* "$into"/; }
+  done
+}
 r=recipes/ptb
 word_key=($r/word_unregularized.yaml $r/word_wd.yaml $r/word_wd_flipout.yaml)
 word_other=($r/word_gal.yaml $r/word_semeniuta.yaml $r/word_zaremba.yaml $r/word_zoneout.yaml)
@@ -37,27 +47,34 @@ compare() {
 case "${1:?usage: study.sh $parts}" in
   anchor)
     # Zaremba et al.'s small model, the published result the trainer is anchored to.
+    committed anchor
     sweep recipes/zaremba_small.yaml --seeds "${SEEDS:-1}" --out "$out/anchor" ;;
   pilots)
     # The precision pilots: Table 2's unregularized and Mult. Gauss rows in float32, beside
     # their bfloat16 seeds. (The sizing pilot, $r/pilots/char_512_2m.yaml, is the first run's
     # first 13 epochs, patience aside.)
+    committed pilots
     sweep $r/pilots/char_unregularized_fp32.yaml --seeds 1,2,3 --out "$out/pilots"
     sweep $r/pilots/char_mult_gauss_fp32.yaml --seeds 1 --out "$out/pilots" ;;
   word-key)
     # The key rows of Table 3: seed 1 of each, then seeds 2 and 3.
+    committed word
     sweep "${word_key[@]}" --seeds 1 --out "$out/word"
     sweep "${word_key[@]}" --seeds 2,3 --out "$out/word" ;;
   word-other)
+    committed word
     sweep "${word_other[@]}" --seeds 1,2 --out "$out/word" ;;
   char-key)
     # The key rows of Table 2 at the pilot's size: seed 1 of each, then seeds 2 and 3.
+    committed char
     sweep "${char_key[@]}" --seeds 1 --out "$out/char"
     sweep "${char_key[@]}" --seeds 2,3 --out "$out/char" ;;
   char-other)
+    committed char
     sweep "${char_other[@]}" --seeds 1,2 --out "$out/char" ;;
   large-batch)
     # The appendix's pair at batch 640, 3 seeds per arm.
+    committed large_batch
     sweep $r/large_batch_wd.yaml $r/large_batch_wd_flipout.yaml --seeds 1,2,3 --out "$out/large_batch" ;;
   collect)
     # Each finished run's config, metrics and summary (never its checkpoints), then the reports.

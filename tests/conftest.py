@@ -84,6 +84,25 @@ def tiny_overrides(data_root, out_dir, **extra):
     return [f"{k}={v}" for k, v in base.items()]
 
 
+def metrics(run_dir):
+    """A run's metrics.jsonl, one dict a line."""
+    import json
+    return [json.loads(line) for line in (Path(run_dir) / "metrics.jsonl").read_text().splitlines()]
+
+
+def train_tiny(recipe, root, out, *extra, **settings):
+    """``train.py recipes/<recipe>.yaml`` in this process, made tiny by :func:`tiny_overrides`
+    (``settings`` on top, then the ``extra`` arguments): its exit status."""
+    import train as train_script
+    cwd = os.getcwd()
+    os.chdir(REPO)
+    try:
+        return train_script.main([f"recipes/{recipe}.yaml", *tiny_overrides(root, out, **settings),
+                                  *extra])
+    finally:
+        os.chdir(cwd)
+
+
 def run_main(script, *args, env=None):
     """``python <script> args...`` in this process, for the tests of what a command prints and
     returns (errors, mostly): its ``main(argv)`` with stdout and stderr captured, as a

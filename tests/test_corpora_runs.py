@@ -8,7 +8,7 @@ import torch
 
 import evaluate as evaluate_script
 import train as train_script
-from conftest import REPO, tiny_overrides
+from conftest import REPO, metrics, tiny_overrides
 from flipout_lstm import checkpoint
 from flipout_lstm import sample as sample_script
 from flipout_lstm.config import config_from_dict
@@ -19,10 +19,6 @@ from test_corpora import raw_chars, save_dataset_dict, text_overrides, write_tex
 RUN_SETTINGS = {"data.batch_size": 4, "data.bptt": 10, "data.eval_batch_size": 4,
                 "model.hidden_size": 16, "model.embedding_size": 16, "train.progress": "false",
                 "train.tensorboard": "false", "train.log_every": 2, "train.eval_every": 3}
-
-
-def metrics(run):
-    return [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
 
 
 def train(overrides, out, name, *extra):

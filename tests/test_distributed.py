@@ -21,7 +21,7 @@ import sys
 import pytest
 import torch
 
-from conftest import REPO, run_main, tiny_overrides, write_tiny_ptb
+from conftest import REPO, metrics, run_main, tiny_overrides, write_tiny_ptb
 from flipout_lstm import checkpoint, distributed
 from test_reliability import wait_for_steps
 
@@ -34,10 +34,6 @@ SHORT = {"train.max_steps": 12, "train.checkpoint_every": 5, "train.eval_every":
 # step is no multiple of checkpoint_every, so the run's end writes a checkpoint of its own.
 LONG = {"train.max_steps": 32, "train.checkpoint_every": 10, "train.log_every": 1,
         "train.eval_every": 25, "model.lstm.flipout": "false"}
-
-
-def metrics(run_dir):
-    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
 
 
 def free_port() -> int:

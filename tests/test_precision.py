@@ -50,26 +50,14 @@ def test_fp16_on_cuda_has_a_scaler():
 
 import json  # noqa: E402
 
-import train as train_script  # noqa: E402
-from conftest import REPO, tiny_overrides  # noqa: E402
+from conftest import metrics, train_tiny  # noqa: E402
 from flipout_lstm import checkpoint  # noqa: E402
 
 needs_bf16 = pytest.mark.skipif(not precision.native_bf16(CPU), reason="this CPU has no native bfloat16")
 
 
-def run(recipe, root, out, *extra, **settings):
-    import os
-    cwd = os.getcwd()
-    os.chdir(REPO)
-    try:
-        return train_script.main([f"recipes/{recipe}.yaml", *tiny_overrides(root, out, **settings), *extra])
-    finally:
-        os.chdir(cwd)
-
-
 def losses(run_dir, split="train"):
-    return [l["loss"] for l in map(json.loads, (run_dir / "metrics.jsonl").read_text().splitlines())
-            if l["split"] == split]
+    return [l["loss"] for l in metrics(run_dir) if l["split"] == split]
 
 
 @needs_bf16
@@ -84,7 +72,7 @@ def test_bf16_training_follows_fp32(tiny_ptb, tmp_path, recipe):
     settings = {"train.max_steps": 300, "train.eval_every": 100, "train.log_every": 25,
                 "optim.name": "adam", "optim.lr": 0.003, "optim.schedule": "constant"}
     for p in ("fp32", "bf16"):
-        assert run(recipe, tiny_ptb, tmp_path / p, **settings, **{"train.precision": p}) == 0
+        assert train_tiny(recipe, tiny_ptb, tmp_path / p, **settings, **{"train.precision": p}) == 0
     a, b = (tmp_path / p / recipe for p in ("fp32", "bf16"))
     va, vb = losses(a, "valid"), losses(b, "valid")
     assert abs(va[-1] - vb[-1]) / va[-1] < 0.02, (va, vb)
@@ -102,21 +90,21 @@ def test_bf16_resume_is_exact_within_bf16(tiny_ptb, tmp_path, monkeypatch):
     in fp32 is refused (train.precision fixes the numbers)."""
     settings = {"train.max_steps": 18, "train.checkpoint_every": 9, "train.log_every": 1,
                 "train.precision": "bf16"}
-    assert run("word_ptb", tiny_ptb, tmp_path / "full", **settings) == 0
-    assert run("word_ptb", tiny_ptb, tmp_path / "part", **{**settings, "train.max_steps": 9}) == 0
-    assert run("word_ptb", tiny_ptb, tmp_path / "part", "--resume",
+    assert train_tiny("word_ptb", tiny_ptb, tmp_path / "full", **settings) == 0
+    assert train_tiny("word_ptb", tiny_ptb, tmp_path / "part", **{**settings, "train.max_steps": 9}) == 0
+    assert train_tiny("word_ptb", tiny_ptb, tmp_path / "part", "--resume",
                **{**settings, "train.precision": "fp32"}) == 2
-    assert run("word_ptb", tiny_ptb, tmp_path / "part", "--resume", **settings) == 0
+    assert train_tiny("word_ptb", tiny_ptb, tmp_path / "part", "--resume", **settings) == 0
     assert (tmp_path / "part" / "word_ptb" / "metrics.jsonl").read_text() == \
         (tmp_path / "full" / "word_ptb" / "metrics.jsonl").read_text()
 
 
 def test_auto_records_fp32_where_bf16_is_not_native_and_bf16_is_refused(tiny_ptb, tmp_path, monkeypatch, capsys):
     monkeypatch.setattr(precision, "native_bf16", lambda device: False)
-    assert run("word_ptb", tiny_ptb, tmp_path, **{"train.max_steps": 2, "train.precision": "auto"}) == 0
+    assert train_tiny("word_ptb", tiny_ptb, tmp_path, **{"train.max_steps": 2, "train.precision": "auto"}) == 0
     assert "precision: fp32" in (tmp_path / "word_ptb" / "config.yaml").read_text()
     capsys.readouterr()
-    assert run("word_ptb", tiny_ptb, tmp_path / "b", **{"train.max_steps": 2, "train.precision": "bf16"}) == 2
+    assert train_tiny("word_ptb", tiny_ptb, tmp_path / "b", **{"train.max_steps": 2, "train.precision": "bf16"}) == 2
     (line,) = [l for l in capsys.readouterr().err.splitlines() if l.startswith("error: ")]
     assert "train.precision=bf16" in line and "use fp32, or auto" in line
 
@@ -125,7 +113,7 @@ def test_auto_records_fp32_where_bf16_is_not_native_and_bf16_is_refused(tiny_ptb
 def test_evaluate_follows_the_runs_precision_unless_told(tiny_ptb, tmp_path):
     import evaluate as evaluate_script
 
-    assert run("word_ptb", tiny_ptb, tmp_path, **{"train.max_steps": 3, "train.precision": "bf16"}) == 0
+    assert train_tiny("word_ptb", tiny_ptb, tmp_path, **{"train.max_steps": 3, "train.precision": "bf16"}) == 0
     best = str(tmp_path / "word_ptb" / "best.pt")
     base = [best, "--data-root", str(tiny_ptb), "--no-progress"]
     own = evaluate_script.run(evaluate_script.parse_args(base))

@@ -21,7 +21,7 @@ import pytest
 import torch
 
 import train as train_script
-from conftest import REPO, run_main, tiny_overrides, write_tiny_ptb
+from conftest import REPO, metrics, run_main, tiny_overrides, write_tiny_ptb
 from flipout_lstm import checkpoint, fileio
 from flipout_lstm.errors import CheckpointError
 
@@ -29,10 +29,6 @@ from flipout_lstm.errors import CheckpointError
 @pytest.fixture(autouse=True)
 def _repo_cwd(monkeypatch):
     monkeypatch.chdir(REPO)
-
-
-def metrics(run_dir):
-    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
 
 
 def one_error_line(proc_or_text):

@@ -12,8 +12,7 @@ import pytest
 import torch
 
 import evaluate as evaluate_script
-import train as train_script
-from conftest import REPO, tiny_overrides
+from conftest import REPO, metrics, train_tiny
 from flipout_lstm import checkpoint
 
 CUDA = pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
@@ -29,21 +28,6 @@ CASES = [pytest.param("cpu", "fp32", id="cpu-fp32"),
 RECIPES = ["word_unregularized", "word_ptb"]
 
 
-def train(recipe, root, out, *extra, **settings):
-    import os
-    cwd = os.getcwd()
-    os.chdir(REPO)
-    try:
-        return train_script.main([f"recipes/{recipe}.yaml",
-                                  *tiny_overrides(root, out, **settings), *extra])
-    finally:
-        os.chdir(cwd)
-
-
-def lines(run_dir):
-    return [json.loads(ln) for ln in (run_dir / "metrics.jsonl").read_text().splitlines()]
-
-
 @pytest.mark.parametrize("recipe", RECIPES)
 @pytest.mark.parametrize("device, prec", CASES)
 def test_a_run_stopped_and_resumed_equals_the_uninterrupted_run(tiny_ptb, tmp_path, device,
@@ -54,11 +38,11 @@ def test_a_run_stopped_and_resumed_equals_the_uninterrupted_run(tiny_ptb, tmp_pa
     checkpoints hold float32 weights that load on the CPU."""
     settings = {"train.device": device, "train.precision": prec, "train.max_steps": 12,
                 "train.checkpoint_every": 6, "train.eval_every": 6, "train.log_every": 1}
-    assert train(recipe, tiny_ptb, tmp_path / "full", **settings) == 0
-    assert train(recipe, tiny_ptb, tmp_path / "part", **{**settings, "train.max_steps": 6}) == 0
-    assert train(recipe, tiny_ptb, tmp_path / "part", "--resume", **settings) == 0
+    assert train_tiny(recipe, tiny_ptb, tmp_path / "full", **settings) == 0
+    assert train_tiny(recipe, tiny_ptb, tmp_path / "part", **{**settings, "train.max_steps": 6}) == 0
+    assert train_tiny(recipe, tiny_ptb, tmp_path / "part", "--resume", **settings) == 0
     full, part = tmp_path / "full" / recipe, tmp_path / "part" / recipe
-    got, want = lines(part), lines(full)
+    got, want = metrics(part), metrics(full)
     assert [ln["step"] for ln in got] == [ln["step"] for ln in want]
     assert got == want, "the resumed run's metrics differ from the uninterrupted run's"
     train_losses = [ln["loss"] for ln in want if ln["split"] == "train"]
@@ -83,9 +67,9 @@ def test_evaluate_scores_the_checkpoint_on_the_cpu_as_the_run_did(tiny_ptb, tmp_
     kernel differences (cuDNN may use TF32) for a GPU run."""
     settings = {"train.device": device, "train.precision": prec, "train.max_steps": 8,
                 "train.eval_every": 4}
-    assert train("word_ptb", tiny_ptb, tmp_path, **settings) == 0
+    assert train_tiny("word_ptb", tiny_ptb, tmp_path, **settings) == 0
     run_dir = tmp_path / "word_ptb"
-    (own,) = [ln for ln in lines(run_dir) if ln["split"] == "test" and ln.get("best")]
+    (own,) = [ln for ln in metrics(run_dir) if ln["split"] == "test" and ln.get("best")]
     args = evaluate_script.parse_args([str(run_dir / "best.pt"), "--data-root", str(tiny_ptb),
                                        "--device", "cpu", "--no-progress"])
     scored = evaluate_script.run(args)

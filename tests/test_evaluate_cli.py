@@ -9,8 +9,7 @@ import pytest
 import torch
 
 import evaluate as evaluate_script
-import train as train_script
-from conftest import REPO, run_cli, tiny_overrides
+from conftest import REPO, run_cli, train_tiny
 from flipout_lstm.config import config_from_dict
 from flipout_lstm.evaluation import eval_warmup
 
@@ -25,8 +24,8 @@ def _repo_cwd_and_cache(monkeypatch, tmp_path):
 def run(tiny_ptb, tmp_path):
     """A word run of a few steps on the tiny corpus: its run directory."""
     out = tmp_path / "runs"
-    assert train_script.main(["recipes/word_ptb.yaml", *tiny_overrides(
-        tiny_ptb, out, **{"train.max_steps": 6, "train.checkpoint_every": 3})]) == 0
+    assert train_tiny("word_ptb", tiny_ptb, out, **{"train.max_steps": 6,
+                                                    "train.checkpoint_every": 3}) == 0
     return out / "word_ptb"
 
 

@@ -6,8 +6,7 @@ import pytest
 import torch
 
 import evaluate as evaluate_script
-import train as train_script
-from conftest import REPO, tiny_overrides
+from conftest import REPO, train_tiny
 from flipout_lstm.config import ModelConfig
 from flipout_lstm.evaluation import evaluate_mc
 from flipout_lstm.model import LanguageModel
@@ -22,8 +21,7 @@ def _repo_cwd(monkeypatch):
 
 
 def trained(tiny_ptb, out, **extra):
-    assert train_script.main(["recipes/word_ptb.yaml",
-                              *tiny_overrides(tiny_ptb, out, **{"train.max_steps": 6, **extra})]) == 0
+    assert train_tiny("word_ptb", tiny_ptb, out, **{"train.max_steps": 6, **extra}) == 0
     return out / "word_ptb" / "best.pt"
 
 

@@ -93,7 +93,7 @@ def test_bf16_resume_is_exact_within_bf16(tiny_ptb, tmp_path, monkeypatch):
     assert train_tiny("word_ptb", tiny_ptb, tmp_path / "full", **settings) == 0
     assert train_tiny("word_ptb", tiny_ptb, tmp_path / "part", **{**settings, "train.max_steps": 9}) == 0
     assert train_tiny("word_ptb", tiny_ptb, tmp_path / "part", "--resume",
-               **{**settings, "train.precision": "fp32"}) == 2
+                      **{**settings, "train.precision": "fp32"}) == 2
     assert train_tiny("word_ptb", tiny_ptb, tmp_path / "part", "--resume", **settings) == 0
     assert (tmp_path / "part" / "word_ptb" / "metrics.jsonl").read_text() == \
         (tmp_path / "full" / "word_ptb" / "metrics.jsonl").read_text()

@@ -25,7 +25,7 @@ import sys
 
 import torch
 
-from flipout_lstm import precision, scores
+from flipout_lstm import heap, precision, scores
 from flipout_lstm.config import resolve_device
 from flipout_lstm.data import open_corpus
 from flipout_lstm.data.ptb import for_command
@@ -110,6 +110,7 @@ def run(args) -> dict:
         raise UserError(f"--warmup must be >= 0 tokens (0: no warm-up), got {args.warmup}")
     if args.threads:
         torch.set_num_threads(args.threads)
+    heap.keep_freed_memory()  # each batch's big CPU blocks reused, not faulted in anew (heap.py)
     device = resolve_device(args.device)
     trained = load_trained(args.checkpoint, device)
     model, cfg, ckpt, vocab = trained.model, trained.config, trained.ckpt, trained.tokenizer.vocab

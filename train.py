@@ -27,7 +27,8 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from flipout_lstm import checkpoint, distributed, fileio, precision, resume, runlock, training_state
+from flipout_lstm import (checkpoint, distributed, fileio, heap, precision, resume, runlock,
+                          training_state)
 from flipout_lstm.config import Config, load_config, resolve_device
 from flipout_lstm.data import TrainStream, open_corpus
 from flipout_lstm.errors import UserError, exit_status
@@ -126,6 +127,7 @@ def train(args, stop: StopSignal, ctx: distributed.Context = distributed.Context
         return 0
     if tc.threads:  # CPU threads for this process's ops (null: torch's default)
         torch.set_num_threads(tc.threads)
+    heap.keep_freed_memory()  # every step's big CPU blocks reused, not faulted in anew (heap.py)
     device = resolve_device(tc.device)
     if ctx.enabled:  # torchrun: join the other ranks (nccl on cuda:LOCAL_RANK, else gloo)
         distributed.check_batch(ctx, dc.batch_size)

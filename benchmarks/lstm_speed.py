@@ -5,14 +5,16 @@
                                     [--device cpu|cuda] [--precision fp32|bf16|fp16]
 
 Prints where it ran (CPU model, its vector ISA read from ``/proc/cpuinfo``: AVX2, AVX-512,
-AMX; threads; ``MKL_ENABLE_INSTRUCTIONS`` / ``ONEDNN_MAX_CPU_ISA`` / ``LM_FUSED_CELL`` /
-``LM_LSTM_WORKSPACE`` if set), then one markdown table per shape: forward+backward time of
-each variant (eval: forward only, against ``torch.nn.LSTM``'s eval forward), its ratio to
-``torch.nn.LSTM``, the target ratio, pass/fail and the kernels the custom recurrence used
-(its products by ``flipout_lstm.nn.products``' fixed rule and its cell; "oneDNN" where the variant
-runs torch's fused kernel). After a warm-up, each repeat times the variant and ``torch.nn.LSTM``
-back to back (alternating which goes first); the table shows the median time and the median
-of the per-repeat ratios, so load from other processes on a shared machine mostly cancels.
+AMX; threads; whether freed memory is kept in the heap, as train.py keeps it, for both sides
+alike (flipout_lstm/heap.py); ``MKL_ENABLE_INSTRUCTIONS`` / ``ONEDNN_MAX_CPU_ISA`` /
+``LM_FUSED_CELL`` / ``LM_KEEP_FREED_MEMORY`` if set), then one markdown table per shape:
+forward+backward time of each variant (eval: forward only, against ``torch.nn.LSTM``'s eval
+forward), its ratio to ``torch.nn.LSTM``, the target ratio, pass/fail and the kernels the
+custom recurrence used (its products by ``flipout_lstm.nn.products``' fixed rule and its cell;
+"oneDNN" where the variant runs torch's fused kernel). After a warm-up, each repeat times the
+variant and ``torch.nn.LSTM`` back to back (alternating which goes first); the table shows the
+median time and the median of the per-repeat ratios, so load from other processes on a shared
+machine mostly cancels.
 ``--clock cpu`` times with this process's CPU time instead of the wall clock: on a core that
 another process shares, the time it is descheduled then does not count (caches it evicts
 still do), which keeps the paired ratios close where the wall clock scatters them.
@@ -47,6 +49,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from flipout_lstm import heap  # noqa: E402
 from flipout_lstm import precision as lm_precision  # noqa: E402
 from flipout_lstm.config import resolve_device  # noqa: E402
 from flipout_lstm.errors import ConfigError  # noqa: E402
@@ -72,8 +75,8 @@ VARIANTS = {
     "Semeniuta": (dict(cell_dropout=0.25), 1.3),
 }
 
-ENV_VARS = ("MKL_ENABLE_INSTRUCTIONS", "ONEDNN_MAX_CPU_ISA", "LM_FUSED_CELL", "LM_LSTM_WORKSPACE",
-            "OMP_NUM_THREADS")
+ENV_VARS = ("MKL_ENABLE_INSTRUCTIONS", "ONEDNN_MAX_CPU_ISA", "LM_FUSED_CELL",
+            "LM_KEEP_FREED_MEMORY", "OMP_NUM_THREADS")
 
 
 def _threads() -> str:
@@ -82,7 +85,8 @@ def _threads() -> str:
 
 
 def machine() -> str:
-    """One line: CPU model, vector ISA, threads, torch, and the ISA-limiting env vars."""
+    """One line: CPU model, vector ISA, threads, torch, the heap's setting and the env vars
+    that limit or change these."""
     model, flags = platform.processor() or platform.machine(), set()
     try:
         with open("/proc/cpuinfo") as fh:
@@ -100,7 +104,8 @@ def machine() -> str:
     cell = ("compiled cell available" if fused_cell.library() is not None
             else f"compiled cell unavailable ({fused_cell.build_error})")
     return (f"CPU: {model} ({os.cpu_count()} logical CPUs); ISA: {' + '.join(isa)}; "
-            f"torch {torch.__version__}, {_threads()}; {cell}"
+            f"torch {torch.__version__}, {_threads()}; {cell}; "
+            + ("freed memory kept" if heap.kept() else "glibc heap defaults")
             + (f"; env: {' '.join(env)}" if env else ""))
 
 
@@ -456,6 +461,7 @@ def main(argv=None):
         return 2
     if args.threads:
         torch.set_num_threads(args.threads)
+    heap.keep_freed_memory()  # the heap as train.py runs the layer, for both sides alike
     _clock = time.process_time if args.clock == "cpu" else time.perf_counter
     if args.bayesian_child is not None:
         _bayesian_torch_child(args.bayesian_child, args.repeats)

@@ -47,6 +47,7 @@ from torch.optim.optimizer import register_optimizer_step_post_hook
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 import train as train_script  # noqa: E402
+from flipout_lstm import heap  # noqa: E402
 from flipout_lstm import precision as lm_precision  # noqa: E402
 from flipout_lstm.config import load_config  # noqa: E402
 from flipout_lstm.errors import ConfigError  # noqa: E402
@@ -137,6 +138,14 @@ def time_bare(recipe: str, ov: list[str], steps: int) -> tuple[list[float], list
     return times, tokens
 
 
+def missing_recipes(prog: str, recipes: list[str]) -> bool:
+    """Whether any of ``recipes`` is not a file, said on stderr as ``prog``'s one-line error."""
+    missing = [r for r in recipes if not Path(r).is_file()]
+    if missing:
+        print(f"{prog}: error: no such recipe: {', '.join(missing)}", file=sys.stderr)
+    return bool(missing)
+
+
 def tokens_per_s(times: list[float], tokens: list[int]) -> float:
     """The median over steps of each step's tokens over its seconds."""
     return statistics.median(n / t for n, t in zip(tokens, times))
@@ -161,12 +170,11 @@ def main(argv=None):
     except ConfigError as e:
         print(f"train_step.py: error: {e}", file=sys.stderr)
         return 2
-    missing = [r for r in args.recipes if not Path(r).is_file()]
-    if missing:
-        print(f"train_step.py: error: no such recipe: {', '.join(missing)}", file=sys.stderr)
+    if missing_recipes("train_step.py", args.recipes):
         return 2
     if args.threads:
         torch.set_num_threads(args.threads)
+    heap.keep_freed_memory()  # as train.py sets it, for the bare loop too
     n = args.warmup + args.steps
     print(machine())
     print(f"Device: cpu; precision: {' '.join(precisions)}; {args.steps} timed steps after "

@@ -121,7 +121,10 @@ def run_main(script, *args, env=None):
     os.chdir(REPO)
     try:
         with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
-            code = module.main([str(a) for a in args])
+            try:
+                code = module.main([str(a) for a in args])
+            except SystemExit as exc:  # argparse's errors and --help
+                code = exc.code
     finally:
         os.chdir(cwd)
         for k, v in saved.items():

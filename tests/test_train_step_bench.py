@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from conftest import run_main
 from flipout_lstm import precision
 
 REPO = Path(__file__).resolve().parent.parent
@@ -39,9 +40,10 @@ def test_train_step_fp32_bf16_tokens_and_ratio(ptb_root):
                      re.M), out
 
 
-def test_train_step_refuses_fp16_and_missing_recipes():
-    res = _run("--precision", "fp16", timeout=60)
+def test_train_step_refuses_fp16_and_missing_recipes(monkeypatch):
+    monkeypatch.syspath_prepend(str(REPO / "benchmarks"))
+    res = run_main("train_step.py", "--precision", "fp16")
     assert res.returncode == 2 and "invalid choice: 'fp16'" in res.stderr
-    res = _run("--recipes", "recipes/no_such.yaml", timeout=60)
+    res = run_main("train_step.py", "--recipes", "recipes/no_such.yaml")
     assert res.returncode == 2
     assert res.stderr.strip() == "train_step.py: error: no such recipe: recipes/no_such.yaml"

@@ -4,8 +4,7 @@
 (noise.py) hold the random draws of one call; ``LSTMRecurrence`` (recurrence.py) is the
 custom recurrence with its hand-written backward. Its matrix products follow one fixed rule
 per device and dtype (products.py: oneDNN on the CPU, ``mm`` elsewhere), its pointwise cell
-is compiled where it builds (fused_cell.py, else torch ops), and its large buffers are kept
-between calls (workspace.py).
+is compiled where it builds (fused_cell.py, else torch ops).
 """
 from .lstm import LSTM, LSTMArgumentError
 from .noise import LayerNoise, LSTMNoise

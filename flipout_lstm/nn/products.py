@@ -38,8 +38,6 @@ from typing import Dict, Optional
 import torch
 from torch import Tensor
 
-from . import workspace
-
 _onednn_ok: Dict[torch.dtype, bool] = {}
 
 
@@ -92,11 +90,6 @@ def kernel_name(device: torch.device, dtype: torch.dtype) -> str:
     return "onednn" if uses_onednn(device, dtype) else "mm"
 
 
-def _contiguous(w: Tensor) -> Tensor:
-    """``w`` itself if contiguous, else a contiguous copy in a pooled buffer (for ``Wᵀ``)."""
-    return w if w.is_contiguous() else workspace.empty(w.shape, w).copy_(w)
-
-
 class Linear:
     """One per-step product ``h ↦ h Wᵀ`` (``W`` (N, K)) for batch ``B``, in ``dtype``
     (default ``W``'s). oneDNN: ``W`` reordered once for the batch (a copy per call of the
@@ -108,9 +101,9 @@ class Linear:
         w = w.to(self.dtype)
         self.onednn = uses_onednn(w.device, self.dtype)
         if self.onednn:
-            self.w = torch.ops.mkldnn._reorder_linear_weight(_contiguous(w), batch)
+            self.w = torch.ops.mkldnn._reorder_linear_weight(w.contiguous(), batch)
         else:
-            self.wt = _contiguous(w.t())
+            self.wt = w.t().contiguous()
             self.out = w.new_empty(batch, w.size(0))
 
     def __call__(self, h: Tensor) -> Tensor:
@@ -132,7 +125,7 @@ class Pair:
             self.lins = (Linear(m[0], batch, self.dtype), Linear(m[1], batch, self.dtype))
         else:
             N, K = m[0].shape                                   # one copy, (2, K, N)
-            self.mt = workspace.empty((2, K, N), m[0], self.dtype)
+            self.mt = m[0].new_empty(2, K, N, dtype=self.dtype)
             self.mt[0].copy_(m[0].t())
             self.mt[1].copy_(m[1].t())
             self.out = m[0].new_empty(2, batch, N, dtype=self.dtype)

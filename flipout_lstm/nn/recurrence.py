@@ -52,12 +52,11 @@ weight gradients take operands cast to ``dtype`` and return it; the cells widen 
 read, so ``c_t``, ``h_t``, the gate math, ``k``, ``δa``, ``δh``, ``δc`` and ``δW̄ + e∘δΔŴ``
 are all computed and kept in the state dtype (float32).
 
-Memory. The buffers over all steps (gates, backward factors, product inputs, ``δa``) and
-the per-call weight copies come from :mod:`flipout_lstm.nn.workspace`, which keeps them between calls:
-on the CPU, freeing and re-allocating them made every call fault a few hundred MB of pages
-in again (at the char shape 93k faults a flipout call, 26k with the pool). Measured with
-``LM_LSTM_WORKSPACE=0`` against the pool on an AVX-512 EPYC (1 thread, 10 paired runs), the
-pool saves 5-16% of a training step at the character and word shapes.
+Memory. The buffers over all steps (gates, backward factors, product inputs, ``δa``) and the
+per-call weight copies are plain tensors, a few hundred MB a call at the char shape. On the CPU
+glibc would unmap each on free and fault its pages in again on the next call; the trainer keeps
+freed memory for reuse instead (:mod:`flipout_lstm.heap`), which serves these buffers and the
+model's logits alike (measured in docs/performance.md).
 """
 from __future__ import annotations
 
@@ -66,7 +65,7 @@ from typing import Dict, List, Optional
 import torch
 from torch import Tensor
 
-from . import fused_cell, products, workspace
+from . import fused_cell, products
 
 # The kernels of the latest forward call, {"products": ..., "cell": ...}: what a benchmark
 # prints next to its numbers.
@@ -211,7 +210,6 @@ class LSTMRecurrence(torch.autograd.Function):
         # Under Gal's mask the flipout product sees h̃∘s = h∘(m∘s): one multiply, not two.
         ms = ((s * m if m is not None else s).contiguous()) if flip else None
         new = xproj.new_empty
-        big = lambda *shape: workspace.empty(shape, xproj)  # noqa: E731 - kept between calls
         pdt = xproj.dtype if dtype is None else dtype
         cell, cell_name = _cell(xproj, B, H, pdt)
         last_kernels.clear()
@@ -219,29 +217,29 @@ class LSTMRecurrence(torch.autograd.Function):
         last_kernels.update(products=name if pdt == xproj.dtype else f"{name} {pdt}".replace(
             "torch.", ""), cell=cell_name)
         zc_t, zh_t, cm_t = _tiles(zc, T), _tiles(zh, T), _tiles(cm, T)
-        acts = big(T, B, G)                              # i, f, g, o after the nonlinearity
+        acts = new(T, B, G)                              # i, f, g, o after the nonlinearity
         c_bufs = (new(B, H), new(B, H))                  # c_t, alternating
         # The local derivative factors of the backward (module docstring), formed in the
         # forward step: k[t] = (i(1-i)∘d∘g, f(1-f)∘c_{t-1}, (1-g²)∘i∘d, o(1-o)∘tanh ĉ) and
         # k_c[t] = o∘(1-tanh²ĉ), the last two times (1-z^h) under hidden zoneout.
-        k = big(T, B, G) if need_grad else None
-        k_c = big(T, B, H) if need_grad else None
+        k = new(T, B, G) if need_grad else None
+        k_c = new(T, B, H) if need_grad else None
         if flip:
             # z[:, t] = (h̃_{t-1}, h̃_{t-1}∘s), the inputs of the two products, kept for δW.
             # Without Gal's mask h̃ = h, so the step writes h_t straight into z[0, t+1].
-            w_delta = torch.mul(w, e, out=big(*w.shape))  # ΔŴ, also for the backward
+            w_delta = torch.mul(w, e, out=new(*w.shape))  # ΔŴ, also for the backward
             prod = products.Pair((w, w_delta), B, pdt)
-            z = big(2, T + 1, B, H)
+            z = new(2, T + 1, B, H)
             torch.mul(h0, m, out=z[0, 0]) if m is not None else z[0, 0].copy_(h0)
             torch.mul(h0, ms, out=z[1, 0])
-            out = big(T, B, H) if m is not None else z[0, 1:]
+            out = new(T, B, H) if m is not None else z[0, 1:]
             hm = None
         else:
             w_delta = z = None
             prod = products.Linear(w, B, pdt)
-            out = big(T, B, H)
+            out = new(T, B, H)
             # h̃_t = h_t∘m under Gal's mask, the product input (kept for δW̄ when training).
-            hm = big(T + 1, B, H) if m is not None else None
+            hm = new(T + 1, B, H) if m is not None else None
             if m is not None:
                 torch.mul(h0, m, out=hm[0])
 
@@ -266,7 +264,7 @@ class LSTMRecurrence(torch.autograd.Function):
                                   zin)
             ctx.cell, ctx.pdt = cell_name, pdt
         if flip and m is None:
-            out = big(T, B, H).copy_(out)        # a view of z: hand back a tensor of its own
+            out = new(T, B, H).copy_(out)        # a view of z: hand back a tensor of its own
         return out, out[T - 1].clone(), c.clone()
 
     @staticmethod
@@ -288,12 +286,12 @@ class LSTMRecurrence(torch.autograd.Function):
 
         if flip:
             # (δa_t, δa_t∘r) stacked like the forward's (h̃, h̃∘s), for the products and δW.
-            d2 = workspace.empty((2, T, B, G), acts)
+            d2 = acts.new_empty(2, T, B, G)
             d_gates = d2[0]
             prod = products.Pair((w.t(), w_delta.t()), B, pdt)
         else:
             d2 = None
-            d_gates = workspace.empty((T, B, G), acts)
+            d_gates = acts.new_empty(T, B, G)
             prod = products.Linear(w.t(), B, pdt)
         dh = d_hn + d_out[T - 1]
         dc = d_cn.contiguous().clone()

@@ -73,9 +73,11 @@ case "${1:?usage: study.sh $parts}" in
     committed char
     sweep "${char_other[@]}" --seeds 1,2 --out "$out/char" ;;
   large-batch)
-    # The appendix's pair at batch 640, 3 seeds per arm.
+    # The appendix's pair at batch 640, 3 seeds per arm. glibc's heap defaults: kept for reuse
+    # (flipout_lstm/heap.py) a run's peak memory went from 9.0 to 13.7 GB, too much for two
+    # runs on a 24 GB machine, one a core; the numbers are the same either way.
     committed large_batch
-    sweep $r/large_batch_wd.yaml $r/large_batch_wd_flipout.yaml --seeds 1,2,3 --out "$out/large_batch" ;;
+    LM_KEEP_FREED_MEMORY=0 sweep $r/large_batch_wd.yaml $r/large_batch_wd_flipout.yaml --seeds 1,2,3 --out "$out/large_batch" ;;
   collect)
     # Each finished run's config, metrics and summary (never its checkpoints), then the reports.
     for part in anchor pilots word char large_batch; do

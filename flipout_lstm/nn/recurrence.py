@@ -227,7 +227,7 @@ class LSTMRecurrence(torch.autograd.Function):
         if flip:
             # z[:, t] = (h̃_{t-1}, h̃_{t-1}∘s), the inputs of the two products, kept for δW.
             # Without Gal's mask h̃ = h, so the step writes h_t straight into z[0, t+1].
-            w_delta = torch.mul(w, e, out=new(*w.shape))  # ΔŴ, also for the backward
+            w_delta = w * e                              # ΔŴ, also for the backward
             prod = products.Pair((w, w_delta), B, pdt)
             z = new(2, T + 1, B, H)
             torch.mul(h0, m, out=z[0, 0]) if m is not None else z[0, 0].copy_(h0)
@@ -264,7 +264,7 @@ class LSTMRecurrence(torch.autograd.Function):
                                   zin)
             ctx.cell, ctx.pdt = cell_name, pdt
         if flip and m is None:
-            out = new(T, B, H).copy_(out)        # a view of z: hand back a tensor of its own
+            out = out.clone()                    # a view of z: hand back a tensor of its own
         return out, out[T - 1].clone(), c.clone()
 
     @staticmethod

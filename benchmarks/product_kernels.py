@@ -2,15 +2,16 @@
 
     python benchmarks/product_kernels.py [--shape char|word|both] [--rounds N] [--quick]
 
-The evidence behind :mod:`flipout_lstm.nn.products`' fixed rule (oneDNN for float32 where
-torch's CPU kernels are AVX-512, MKL's ``mm`` on AVX2). Each product of a flipout call runs
+The evidence behind :mod:`flipout_lstm.nn.products`' fixed rule (oneDNN for every float32
+product where torch's CPU kernels are AVX-512; on AVX2, oneDNN for the recurrence's per-step
+products and MKL's ``mm`` for the rest). Each product of a flipout call runs
 through the layer's own code (``products.Pair``, ``tmm``, ``mm_t``) with the rule pinned to
 each kernel in turn, alternately in one process (the order flips every round, so load from
 other processes mostly cancels); ``torch.nn.LSTM``'s forward and backward is timed in the
 same rounds. Prints the CPU line, then per shape a table of median milliseconds, the ratio
 oneDNN / ``mm``, and the products' total as a ratio to ``torch.nn.LSTM`` under each kernel
-(the flipout floor ``benchmarks/lstm_speed.py`` reports, per kernel), and which one the rule
-picks here. Float32, one layer's products (the word shape's two layers cost twice).
+(the flipout floor ``benchmarks/lstm_speed.py`` reports, per kernel), and the products'
+total under the rule here, each from its kernel's column. Float32, one layer's products (the word shape's two layers cost twice).
 """
 from __future__ import annotations
 
@@ -37,9 +38,10 @@ SHAPES = {  # batch, steps, input, hidden
 @contextlib.contextmanager
 def pinned(onednn: bool):
     """The layer's products with the rule pinned: oneDNN for every CPU float32/bfloat16
-    product (where it runs), or ``mm`` for all of them."""
+    product (where it runs), per-step or not, or ``mm`` for all of them."""
     rule = products.uses_onednn
-    products.uses_onednn = lambda device, dtype: onednn and products.onednn_runs(device, dtype)
+    products.uses_onednn = lambda device, dtype, per_step=False: (
+        onednn and products.onednn_runs(device, dtype))
     try:
         yield
     finally:
@@ -107,6 +109,14 @@ def table(shape: str, rows, ref_ms: float) -> str:
     one, mm = sum(a for _, a, _ in rows), sum(b for _, _, b in rows)
     lines.append(f"| **all, vs torch.nn.LSTM** | **{one / ref_ms:.2f}x** | **{mm / ref_ms:.2f}x** "
                  f"| {one / mm:.2f} |")
+    # The rule's own total: each product from the column of the kernel the rule gives it.
+    cpu, f32 = torch.device("cpu"), torch.float32
+    picks = [products.uses_onednn(cpu, f32, per_step=name.startswith("per-step"))
+             for name, _, _ in rows]
+    ours = sum(a if k else b for (_, a, b), k in zip(rows, picks))
+    kinds = ", ".join(f"{name} {'oneDNN' if k else 'mm'}" for name, k in (
+        ("per-step", picks[0]), ("the rest", picks[-1])))
+    lines += ["", f"The rule here ({kinds}): {ours / ref_ms:.2f}x torch.nn.LSTM"]
     return "\n".join(lines)
 
 
@@ -127,7 +137,7 @@ def main(argv=None) -> int:
     print(machine())
     rule = products.kernel_name(torch.device("cpu"), torch.float32)
     print(f"The rule here (torch's CPU kernels: {torch.backends.cpu.get_cpu_capability()}): "
-          f"float32 products through {rule}\n")
+          f"float32 products through {rule} (per-step+the rest where they differ)\n")
     shapes = ["quick"] if args.quick else ["char", "word"] if args.shape == "both" else [args.shape]
     for shape in shapes:
         print(table(shape, *measure(shape, args.rounds)) + "\n")

@@ -35,6 +35,7 @@ def test_pinned_moves_every_product_and_restores_the_rule(bench):
                 name if products.onednn_available(torch.bfloat16) else "mm")
             assert products.kernel_name(cpu, torch.float64) == "mm"       # never oneDNN
             assert products.Pair(w, 4).onednn is onednn
+            assert products.uses_onednn(cpu, f32, per_step=True) is onednn
         assert products.kernel_name(cpu, f32) == rule
     with pytest.raises(RuntimeError), bench.pinned(True):
         raise RuntimeError("a failing product")
@@ -50,7 +51,7 @@ def test_quick_prints_the_rule_and_a_table_whose_ratios_are_its_columns(bench, c
     rule = products.kernel_name(torch.device("cpu"), torch.float32)
     assert lines[1] == (f"The rule here (torch's CPU kernels: "
                         f"{torch.backends.cpu.get_cpu_capability()}): float32 products through "
-                        f"{rule}")
+                        f"{rule} (per-step+the rest where they differ)")
     head = re.fullmatch(r"### quick: batch 8, 10 steps, 64 -> 128, one layer's products "
                         r"\(median ms; torch.nn.LSTM fwd\+bwd ([\d.]+) ms\)", lines[3])
     assert head, lines[3]
@@ -64,6 +65,20 @@ def test_quick_prints_the_rule_and_a_table_whose_ratios_are_its_columns(bench, c
     one, mm = (float(c.strip("*x")) for c in rows[-1][1:3])
     assert one > 0 and mm > 0
     assert float(rows[-1][3]) == pytest.approx(one / mm, abs=0.02 + 0.02 * one / mm)
+    # The rule's total: the per-step rows from the column of the per-step kernel, the rest
+    # from the other's; (1.00x torch.nn.LSTM = the reference's median ms from the header).
+    cpu, f32 = torch.device("cpu"), torch.float32
+    step, rest = (products.uses_onednn(cpu, f32, per_step=k) for k in (True, False))
+    kind = lambda k: "oneDNN" if k else "mm"  # noqa: E731
+    tail = [ln for ln in lines[7:] if ln and not ln.startswith("|")][0]
+    got = re.fullmatch(rf"The rule here \(per-step {kind(step)}, the rest {kind(rest)}\): "
+                       r"([\d.]+)x torch.nn.LSTM", tail)
+    assert got, tail
+    ms = sum(float(r[1] if (step if r[0].startswith("per-step") else rest) else r[2])
+             for r in rows[:-1])
+    ref = float(head.group(1))                   # each figure rounded: 2 dp, the reference 1
+    assert float(got.group(1)) == pytest.approx(
+        ms / ref, abs=0.006 + ms / ref * (0.005 * (len(rows) - 1) / ms + 0.05 / ref))
 
 
 def test_rounds_below_one_is_a_one_line_error(bench, capsys):

@@ -1,27 +1,34 @@
-"""The layer's matrix products, each by one fixed kernel per device, dtype and CPU ISA.
+"""The layer's matrix products, each by one fixed kernel per device, dtype, CPU ISA and kind.
 
-Rule: on the CPU, bfloat16 products, and float32 products where torch's CPU kernels are
-AVX-512, go through oneDNN's matmul primitive (``torch.ops.mkldnn._linear_pointwise``, the op
+Rule: on the CPU, oneDNN's matmul primitive (``torch.ops.mkldnn._linear_pointwise``, the op
 torch's own CPU compiler emits for ``linear``; where this torch build lacks it, or it fails a
-probe on fixed values, plain ``mm``); everything else (float32 on AVX2 and other CPUs, CUDA,
-float64, float16 on the CPU) uses ``mm`` / ``addmm`` / ``bmm``, the very ops (and so the
-numbers) the layer used before the rule. Nothing is timed, so a run's numbers never depend
-on which kernel won a race; what a run used is in its ``run.json`` (the CPU's ISA).
+probe on fixed values, plain ``mm``) takes every bfloat16 product, the recurrence's per-step
+float32 products on every CPU, and the other float32 products (over all steps at once: the
+input projection and its gradients, the weight gradients) where torch's CPU kernels are
+AVX-512; everything else (those one-off float32 products on AVX2 and other CPUs, CUDA,
+float64, float16 on the CPU) uses ``mm`` / ``addmm`` / ``bmm``. Nothing is timed, so a run's
+numbers never depend on which kernel won a race; what a run used is in its ``run.json`` (the
+CPU's ISA).
 
 Why: ``torch.mm`` / ``addmm`` / ``F.linear`` run float32 through MKL, which on the AVX-512
 AMD EPYCs reaches 67-95 GFLOP/s on this layer's large products against oneDNN's 110-211, so
 there oneDNN wins: 1 thread, float32, median of 7, the word shape's input projection (1400 x
 650 by 650 x 2600) 1.13x faster through oneDNN, its input gradient 1.60x, its weight gradient
 1.57x, flipout's pair of recurrent weight gradients 1.18x, the per-step products at both
-shapes too. On an AVX2-only EPYC MKL's code is the faster: alternately in one process, 1
-thread (``benchmarks/product_kernels.py``, 2026-12-03), flipout's products at the character
-shape cost 1.96-2.00x ``torch.nn.LSTM`` through ``mm`` against 2.08-2.17x through oneDNN
-(the pair's weight gradients 1.21-1.24x faster through ``bmm``); at the word shape the two
-are within 2% (``docs/performance.md``).
+shapes too. On the AVX2-only EPYCs MKL's code is the faster for the weight gradients in every
+reading (``benchmarks/product_kernels.py``, alternately in one process, 1 thread: the pair's
+1.21-1.24x on family 25, 1.57-1.72x on family 23), while the per-step products (batch 32 or
+40 against the whole weight) favour oneDNN or tie: on family 23 (2026-12-03) the char shape's
+forward pair 1.31-1.35x and backward pair 1.04-1.05x faster through oneDNN; on family 25 the
+two within 6% either way in two readings of 2026-12-03, oneDNN about 1.15x faster on
+2026-12-02, 1.4-1.6x on an AVX2 host of 2026-11-24. With each kind on its faster kernel,
+flipout's products at the char shape cost 2.01x ``torch.nn.LSTM`` on family 23 against 2.26x
+through ``mm`` alone and 2.41x through oneDNN alone, and the layer's Gal, zoneout and
+Semeniuta rows went from 1.19-1.31x to 1.05-1.08x (``docs/performance.md``).
 
-* :class:`Linear` / :class:`Pair`: the per-step product(s) ``h ↦ h Wᵀ`` of the recurrence,
-  the weight prepared once per call (oneDNN: reordered for the batch; ``mm``: a contiguous
-  ``Wᵀ``).
+* :class:`Linear` / :class:`Pair`: the per-step product(s) ``h ↦ h Wᵀ`` of the recurrence
+  (the rule's ``per_step`` kind), the weight prepared once per call (oneDNN: reordered for
+  the batch; ``mm``: a contiguous ``Wᵀ``).
 * :func:`mm_t` (``x Wᵀ``), :func:`tmm` / :func:`tmm_pair` (``Aᵀ B``, the weight gradients
   over all steps): one-off products, no preparation.
 * :func:`linear`: ``x Wᵀ + b`` under autograd (the input projection), forward and backward
@@ -77,17 +84,23 @@ def onednn_runs(device: torch.device, dtype: torch.dtype) -> bool:
             and onednn_available(dtype))
 
 
-def uses_onednn(device: torch.device, dtype: torch.dtype) -> bool:
-    """The rule: oneDNN for CPU bfloat16, and for CPU float32 where torch's CPU kernels are
-    AVX-512, where it runs; else ``mm``."""
-    if dtype == torch.float32 and not torch.backends.cpu.get_cpu_capability().startswith("AVX512"):
+def uses_onednn(device: torch.device, dtype: torch.dtype, per_step: bool = False) -> bool:
+    """The rule: oneDNN, where it runs, for CPU bfloat16, for the recurrence's per-step
+    float32 products (``per_step``) on every CPU, and for the other float32 products where
+    torch's CPU kernels are AVX-512; else ``mm``."""
+    if (dtype == torch.float32 and not per_step
+            and not torch.backends.cpu.get_cpu_capability().startswith("AVX512")):
         return False
     return onednn_runs(device, dtype)
 
 
 def kernel_name(device: torch.device, dtype: torch.dtype) -> str:
-    """``"onednn"`` or ``"mm"``: what :func:`uses_onednn` picks (for benchmark tables)."""
-    return "onednn" if uses_onednn(device, dtype) else "mm"
+    """What :func:`uses_onednn` picks (for ``run.json``-style reports and benchmark tables):
+    ``"onednn"`` or ``"mm"`` where both kinds agree, else ``"<per-step>+<the rest>"``, as
+    ``"onednn+mm"`` for float32 on AVX2."""
+    name = {True: "onednn", False: "mm"}
+    step, rest = uses_onednn(device, dtype, per_step=True), uses_onednn(device, dtype)
+    return name[step] if step == rest else f"{name[step]}+{name[rest]}"
 
 
 class Linear:
@@ -99,7 +112,7 @@ class Linear:
     def __init__(self, w: Tensor, batch: int, dtype: Optional[torch.dtype] = None):
         self.dtype = w.dtype if dtype is None else dtype
         w = w.to(self.dtype)
-        self.onednn = uses_onednn(w.device, self.dtype)
+        self.onednn = uses_onednn(w.device, self.dtype, per_step=True)
         if self.onednn:
             self.w = torch.ops.mkldnn._reorder_linear_weight(w.contiguous(), batch)
         else:
@@ -120,7 +133,7 @@ class Pair:
 
     def __init__(self, m, batch: int, dtype: Optional[torch.dtype] = None):
         self.dtype = m[0].dtype if dtype is None else dtype
-        self.onednn = uses_onednn(m[0].device, self.dtype)
+        self.onednn = uses_onednn(m[0].device, self.dtype, per_step=True)
         if self.onednn:
             self.lins = (Linear(m[0], batch, self.dtype), Linear(m[1], batch, self.dtype))
         else:

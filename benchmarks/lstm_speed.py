@@ -280,7 +280,7 @@ def _product_floor(shape, dtype=torch.float32):
             products.mm_t(ds[0], w_ih[l].t())
             products.tmm(ds[0], layer_in[l])
 
-    kind = products.kernel_name(x.device, x.dtype)
+    kind = products.kernel_name(x.device, x.dtype, step_weight=G * H)
     families = {"torch mm/bmm": torch_mm, f"flipout_lstm.nn.products ({kind})": rule}
     best = min(families, key=lambda n: min(_time(families[n]) for _ in range(2)))
     return families[best], best

@@ -1,17 +1,19 @@
 """Which kernel runs flipout's matrix products faster on this CPU: oneDNN or ``mm``/``bmm``.
 
-    python benchmarks/product_kernels.py [--shape char|word|both] [--rounds N] [--quick]
+    python benchmarks/product_kernels.py [--shape char|word|both|study-char|study-word|study]
+                                         [--rounds N] [--quick]
 
 The evidence behind :mod:`flipout_lstm.nn.products`' fixed rule (oneDNN for every float32
 product where torch's CPU kernels are AVX-512; on AVX2, oneDNN for the recurrence's per-step
-products and MKL's ``mm`` for the rest). Each product of a flipout call runs
+products against a weight of 2 MiB or more and MKL's ``mm`` for the rest). Each product of a flipout call runs
 through the layer's own code (``products.Pair``, ``tmm``, ``mm_t``) with the rule pinned to
 each kernel in turn, alternately in one process (the order flips every round, so load from
 other processes mostly cancels); ``torch.nn.LSTM``'s forward and backward is timed in the
 same rounds. Prints the CPU line, then per shape a table of median milliseconds, the ratio
 oneDNN / ``mm``, and the products' total as a ratio to ``torch.nn.LSTM`` under each kernel
 (the flipout floor ``benchmarks/lstm_speed.py`` reports, per kernel), and the products'
-total under the rule here, each from its kernel's column. Float32, one layer's products (the word shape's two layers cost twice).
+total under the rule here, each from its kernel's column. Float32, one layer's products (the
+word shape's two layers cost twice).
 """
 from __future__ import annotations
 
@@ -31,6 +33,10 @@ from lstm_speed import machine  # noqa: E402  (this script's folder is on sys.pa
 SHAPES = {  # batch, steps, input, hidden
     "char": (32, 100, 50, 1000),
     "word": (40, 35, 650, 650),
+    # The PTB study's sizes (recipes/ptb/scale/): the per-step weight of 4 MB and 640 KB on
+    # either side of the rule's STEP_WEIGHT_BYTES.
+    "study-char": (32, 100, 50, 512),
+    "study-word": (40, 35, 200, 200),
     "quick": (8, 10, 64, 128),
 }
 
@@ -40,7 +46,7 @@ def pinned(onednn: bool):
     """The layer's products with the rule pinned: oneDNN for every CPU float32/bfloat16
     product (where it runs), per-step or not, or ``mm`` for all of them."""
     rule = products.uses_onednn
-    products.uses_onednn = lambda device, dtype, per_step=False: (
+    products.uses_onednn = lambda device, dtype, step_weight=0: (
         onednn and products.onednn_runs(device, dtype))
     try:
         yield
@@ -111,7 +117,7 @@ def table(shape: str, rows, ref_ms: float) -> str:
                  f"| {one / mm:.2f} |")
     # The rule's own total: each product from the column of the kernel the rule gives it.
     cpu, f32 = torch.device("cpu"), torch.float32
-    picks = [products.uses_onednn(cpu, f32, per_step=name.startswith("per-step"))
+    picks = [products.uses_onednn(cpu, f32, 4 * H * H if name.startswith("per-step") else 0)
              for name, _, _ in rows]
     ours = sum(a if k else b for (_, a, b), k in zip(rows, picks))
     kinds = ", ".join(f"{name} {'oneDNN' if k else 'mm'}" for name, k in (
@@ -122,7 +128,9 @@ def table(shape: str, rows, ref_ms: float) -> str:
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--shape", choices=["char", "word", "both"], default="both")
+    ap.add_argument("--shape", choices=["char", "word", "both", "study-char", "study-word",
+                                        "study"], default="both",
+                    help="both: char and word (the paper's); study: the PTB study's two")
     ap.add_argument("--rounds", type=int, default=9)
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--quick", action="store_true", help="tiny shapes, for a smoke test")
@@ -135,10 +143,12 @@ def main(argv=None) -> int:
         return 2
     torch.set_num_threads(args.threads)
     print(machine())
-    rule = products.kernel_name(torch.device("cpu"), torch.float32)
     print(f"The rule here (torch's CPU kernels: {torch.backends.cpu.get_cpu_capability()}): "
-          f"float32 products through {rule} (per-step+the rest where they differ)\n")
-    shapes = ["quick"] if args.quick else ["char", "word"] if args.shape == "both" else [args.shape]
+          f"float32 products through oneDNN where it is AVX-512; elsewhere the per-step "
+          f"products against a weight of {products.STEP_WEIGHT_BYTES >> 20} MiB or more too, "
+          f"the rest through mm\n")
+    pairs = {"both": ["char", "word"], "study": ["study-char", "study-word"]}
+    shapes = ["quick"] if args.quick else pairs.get(args.shape, [args.shape])
     for shape in shapes:
         print(table(shape, *measure(shape, args.rounds)) + "\n")
     return 0

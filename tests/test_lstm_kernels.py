@@ -13,7 +13,7 @@ T, B, H = 5, 3, 4
 
 CELLS = ["torch"] + (["fused"] if fused_cell.library() is not None else [])
 ONEDNN = products.uses_onednn(torch.device("cpu"), torch.float32)     # the rule, on this CPU
-RULE = products.kernel_name(torch.device("cpu"), torch.float32)        # "onednn+mm" on AVX2
+BIG = products.STEP_WEIGHT_BYTES // 4                                  # a per-step weight, elements
 ONEDNN_RUNS = products.onednn_available(torch.float32)                  # the op, in this build
 
 
@@ -50,7 +50,7 @@ def _with(monkeypatch, cell=None, onednn=None):
     if cell == "torch":
         monkeypatch.setattr(fused_cell, "supports", lambda *a, **k: False)
     if onednn is not None:
-        monkeypatch.setattr(products, "uses_onednn", lambda device, dtype, per_step=False: (
+        monkeypatch.setattr(products, "uses_onednn", lambda device, dtype, step_weight=0: (
             onednn and products.onednn_runs(device, dtype)))
 
 
@@ -119,33 +119,35 @@ def test_onednn_and_mm_products_agree(variant, cell, monkeypatch):
 
 
 def test_the_rule(monkeypatch):
-    """oneDNN for CPU bfloat16, the per-step float32 products everywhere and the other float32
-    products on AVX-512, where its probe passes; ``mm`` for everything else; nothing is timed
-    (the choice runs with every clock broken) and it is fixed: asking again, or after forward
-    calls, gives the same answer, and the recurrence reports it."""
+    """oneDNN for CPU bfloat16, the per-step float32 products against a weight of 2 MiB or
+    more everywhere and every float32 product on AVX-512, where its probe passes; ``mm`` for
+    everything else; nothing is timed (the choice runs with every clock broken) and it is
+    fixed: asking again, or after forward calls, gives the same answer, and the recurrence
+    reports it."""
     cpu = torch.device("cpu")
     for device, dtype in [(cpu, torch.float64), (cpu, torch.float16),
                           (torch.device("cuda"), torch.float32),
                           (torch.device("cuda"), torch.bfloat16)]:
         assert not products.uses_onednn(device, dtype) and products.kernel_name(device, dtype) == "mm"
-        assert not products.uses_onednn(device, dtype, per_step=True)
-    # This torch build has oneDNN's matmul: float32's per-step products take it on every
-    # CPU, the rest only on AVX-512.
+        assert not products.uses_onednn(device, dtype, step_weight=BIG)
+    # This torch build has oneDNN's matmul: float32's per-step products against a large
+    # weight take it on every CPU, the rest only on AVX-512.
     if torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise"):
         assert ONEDNN_RUNS
     assert ONEDNN == (ONEDNN_RUNS and torch.backends.cpu.get_cpu_capability().startswith("AVX512"))
-    assert products.uses_onednn(cpu, torch.float32, per_step=True) == ONEDNN_RUNS
+    assert products.uses_onednn(cpu, torch.float32, step_weight=BIG) == ONEDNN_RUNS
 
     def no_clock(*a):
         raise AssertionError("the kernel rule must not time anything")
     monkeypatch.setattr(products, "_onednn_ok", {})
     for name in ("perf_counter", "perf_counter_ns", "process_time", "monotonic"):
         monkeypatch.setattr(f"time.{name}", no_clock)
-    assert products.kernel_name(cpu, torch.float32) == RULE
+    assert products.kernel_name(cpu, torch.float32) == ("onednn" if ONEDNN else "mm")
     leaves, noise = _inputs(torch.float32, "flip", torch.Generator().manual_seed(3))
     for _ in range(2):
         _run(leaves, noise)
-        assert recurrence.last_kernels == {"products": RULE, "cell": CELLS[-1]}
+        assert recurrence.last_kernels == {"products": "onednn" if ONEDNN else "mm",
+                                           "cell": CELLS[-1]}
     monkeypatch.undo()
     leaves, noise = _inputs(DT, "flip", torch.Generator().manual_seed(3))
     _run(leaves, noise)
@@ -154,18 +156,24 @@ def test_the_rule(monkeypatch):
 
 @pytest.mark.parametrize("isa", ["AVX2", "AVX512", "DEFAULT"])
 def test_the_rule_follows_the_cpu_isa(isa, monkeypatch):
-    """float32's per-step products take oneDNN on every ISA, its other products only where
-    torch's CPU kernels are AVX-512 (on AVX2, MKL's ``mm`` is the faster for them:
-    docs/performance.md); bfloat16 takes oneDNN wherever it runs; the layer's products
-    follow, and the recurrence reports the pair of kernels."""
+    """float32's per-step products against a weight of 2 MiB or more take oneDNN on every
+    ISA, every other float32 product only where torch's CPU kernels are AVX-512 (on AVX2,
+    MKL's ``mm`` is the faster for them: docs/performance.md); bfloat16 takes oneDNN
+    wherever it runs; the layer's products follow, and the recurrence reports the pair."""
     monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda: isa)
     cpu = torch.device("cpu")
     assert products.uses_onednn(cpu, torch.float32) == (isa == "AVX512" and ONEDNN_RUNS)
-    assert products.uses_onednn(cpu, torch.float32, per_step=True) == ONEDNN_RUNS
-    assert products.Pair(torch.randn(2, 8, 2), 3).onednn == ONEDNN_RUNS
-    assert products.Linear(torch.randn(8, 2), 3).onednn == ONEDNN_RUNS
-    assert products.kernel_name(cpu, torch.float32) == (
+    avx512 = isa == "AVX512" and ONEDNN_RUNS
+    assert products.uses_onednn(cpu, torch.float32, step_weight=BIG) == ONEDNN_RUNS
+    assert products.uses_onednn(cpu, torch.float32, step_weight=BIG - 1) == avx512
+    small, big = torch.zeros(8, 2), torch.zeros(BIG // 512, 512)   # 64 B and 2 MiB
+    assert products.Pair(torch.stack([big, big]), 3).onednn == ONEDNN_RUNS
+    assert products.Linear(big, 3).onednn == ONEDNN_RUNS
+    assert products.Pair(torch.stack([small, small]), 3).onednn == avx512
+    assert products.Linear(small, 3).onednn == avx512
+    assert products.kernel_name(cpu, torch.float32, step_weight=BIG) == (
         "mm" if not ONEDNN_RUNS else "onednn" if isa == "AVX512" else "onednn+mm")
+    assert products.kernel_name(cpu, torch.float32) == ("onednn" if avx512 else "mm")
     assert products.uses_onednn(cpu, torch.bfloat16) == products.onednn_available(torch.bfloat16)
     leaves, noise = _inputs(torch.float32, "flip", torch.Generator().manual_seed(5))
     _run(leaves, noise)
@@ -190,7 +198,7 @@ def test_a_failed_onednn_probe_falls_back_to_mm(fault, monkeypatch):
     monkeypatch.setattr(products, "_onednn_lp", broken)
     monkeypatch.setattr(products, "_onednn_ok", {})
     assert not products.uses_onednn(torch.device("cpu"), torch.float32)
-    assert not products.uses_onednn(torch.device("cpu"), torch.float32, per_step=True)
+    assert not products.uses_onednn(torch.device("cpu"), torch.float32, step_weight=BIG)
     got = _run(leaves, noise)
     assert recurrence.last_kernels["products"] == "mm"
     for a, b in zip(got, ref):

@@ -35,7 +35,7 @@ def test_pinned_moves_every_product_and_restores_the_rule(bench):
                 name if products.onednn_available(torch.bfloat16) else "mm")
             assert products.kernel_name(cpu, torch.float64) == "mm"       # never oneDNN
             assert products.Pair(w, 4).onednn is onednn
-            assert products.uses_onednn(cpu, f32, per_step=True) is onednn
+            assert products.uses_onednn(cpu, f32, step_weight=10 ** 7) is onednn
         assert products.kernel_name(cpu, f32) == rule
     with pytest.raises(RuntimeError), bench.pinned(True):
         raise RuntimeError("a failing product")
@@ -48,10 +48,10 @@ def test_quick_prints_the_rule_and_a_table_whose_ratios_are_its_columns(bench, c
                        "--threads", str(torch.get_num_threads())]) == 0
     lines = capsys.readouterr().out.splitlines()
     assert lines[0].startswith("CPU: ") and "; ISA: " in lines[0]
-    rule = products.kernel_name(torch.device("cpu"), torch.float32)
     assert lines[1] == (f"The rule here (torch's CPU kernels: "
                         f"{torch.backends.cpu.get_cpu_capability()}): float32 products through "
-                        f"{rule} (per-step+the rest where they differ)")
+                        f"oneDNN where it is AVX-512; elsewhere the per-step products against a "
+                        f"weight of 2 MiB or more too, the rest through mm")
     head = re.fullmatch(r"### quick: batch 8, 10 steps, 64 -> 128, one layer's products "
                         r"\(median ms; torch.nn.LSTM fwd\+bwd ([\d.]+) ms\)", lines[3])
     assert head, lines[3]
@@ -68,7 +68,7 @@ def test_quick_prints_the_rule_and_a_table_whose_ratios_are_its_columns(bench, c
     # The rule's total: the per-step rows from the column of the per-step kernel, the rest
     # from the other's; (1.00x torch.nn.LSTM = the reference's median ms from the header).
     cpu, f32 = torch.device("cpu"), torch.float32
-    step, rest = (products.uses_onednn(cpu, f32, per_step=k) for k in (True, False))
+    step, rest = (products.uses_onednn(cpu, f32, n) for n in (4 * 128 * 128, 0))  # H = 128
     kind = lambda k: "oneDNN" if k else "mm"  # noqa: E731
     tail = [ln for ln in lines[7:] if ln and not ln.startswith("|")][0]
     got = re.fullmatch(rf"The rule here \(per-step {kind(step)}, the rest {kind(rest)}\): "
@@ -87,3 +87,17 @@ def test_rounds_below_one_is_a_one_line_error(bench, capsys):
     assert exc.value.code == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert err[-1].endswith("error: --rounds must be at least 1, got 0"), err
+
+
+@pytest.mark.skipif(not ONEDNN_RUNS, reason="oneDNN's matmul does not run in this torch build")
+def test_study_shapes_straddle_the_per_step_threshold(bench, capsys):
+    # The study's two sizes are the evidence for products.STEP_WEIGHT_BYTES: one on each side.
+    sizes = {n: 4 * 4 * bench.SHAPES[n][3] ** 2 for n in ("study-char", "study-word")}
+    assert sizes["study-word"] < products.STEP_WEIGHT_BYTES <= sizes["study-char"]
+    assert bench.main(["--shape", "study-word", "--rounds", "1",
+                       "--threads", str(torch.get_num_threads())]) == 0
+    out = capsys.readouterr().out
+    assert "### study-word: batch 40, 35 steps, 200 -> 200, one layer's products" in out
+    avx512 = torch.backends.cpu.get_cpu_capability().startswith("AVX512")
+    step = "oneDNN" if avx512 else "mm"                  # 640 KB: below the threshold
+    assert f"The rule here (per-step {step}, the rest {step}): " in out

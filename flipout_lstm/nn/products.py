@@ -2,13 +2,13 @@
 
 Rule: on the CPU, oneDNN's matmul primitive (``torch.ops.mkldnn._linear_pointwise``, the op
 torch's own CPU compiler emits for ``linear``; where this torch build lacks it, or it fails a
-probe on fixed values, plain ``mm``) takes every bfloat16 product, the recurrence's per-step
-float32 products on every CPU, and the other float32 products (over all steps at once: the
-input projection and its gradients, the weight gradients) where torch's CPU kernels are
-AVX-512; everything else (those one-off float32 products on AVX2 and other CPUs, CUDA,
-float64, float16 on the CPU) uses ``mm`` / ``addmm`` / ``bmm``. Nothing is timed, so a run's
-numbers never depend on which kernel won a race; what a run used is in its ``run.json`` (the
-CPU's ISA).
+probe on fixed values, plain ``mm``) takes every bfloat16 product; every float32 product where
+torch's CPU kernels are AVX-512; and elsewhere the recurrence's per-step float32 products whose
+weight holds at least :data:`STEP_WEIGHT_BYTES` (2 MiB). Everything else (on AVX2 and other
+CPUs the float32 products over all steps at once, the input projection, its gradients and the
+weight gradients, and the per-step products against a smaller weight; CUDA; float64; float16
+on the CPU) uses ``mm`` / ``addmm`` / ``bmm``. Nothing is timed, so a run's numbers never
+depend on which kernel won a race; what a run used is in its ``run.json`` (the CPU's ISA).
 
 Why: ``torch.mm`` / ``addmm`` / ``F.linear`` run float32 through MKL, which on the AVX-512
 AMD EPYCs reaches 67-95 GFLOP/s on this layer's large products against oneDNN's 110-211, so
@@ -17,17 +17,18 @@ there oneDNN wins: 1 thread, float32, median of 7, the word shape's input projec
 1.57x, flipout's pair of recurrent weight gradients 1.18x, the per-step products at both
 shapes too. On the AVX2-only EPYCs MKL's code is the faster for the weight gradients in every
 reading (``benchmarks/product_kernels.py``, alternately in one process, 1 thread: the pair's
-1.21-1.24x on family 25, 1.57-1.72x on family 23), while the per-step products (batch 32 or
-40 against the whole weight) favour oneDNN or tie: on family 23 (2026-12-03) the char shape's
-forward pair 1.31-1.35x and backward pair 1.04-1.05x faster through oneDNN; on family 25 the
-two within 6% either way in two readings of 2026-12-03, oneDNN about 1.15x faster on
-2026-12-02, 1.4-1.6x on an AVX2 host of 2026-11-24. With each kind on its faster kernel,
-flipout's products at the char shape cost 2.01x ``torch.nn.LSTM`` on family 23 against 2.26x
-through ``mm`` alone and 2.41x through oneDNN alone, and the layer's Gal, zoneout and
-Semeniuta rows went from 1.19-1.31x to 1.05-1.08x (``docs/performance.md``).
+1.14-1.24x on family 25, 1.57-1.72x on family 23). The per-step products (batch 32 or 40
+against the whole weight) depend on the weight's size and the CPU: on family 23 (2026-12-03)
+the char shape's forward pair ran 1.31-1.35x and its backward pair 1.04-1.05x faster through
+oneDNN, which took the layer's Gal, zoneout and Semeniuta rows there from 1.19-1.31x to
+1.05-1.08x ``torch.nn.LSTM``; on family 25 the two kernels are within 6% either way at 512
+units and more. Against the PTB study's 2 x 200 weight (640 KB, which stays in the core's
+cache between steps) oneDNN is the slower on both: 1.23-1.37x on family 25 (2026-12-04), and
+``train.py``'s WD + Flipout step 1.08x faster with these products on ``mm``; hence the
+threshold (``docs/performance.md``).
 
 * :class:`Linear` / :class:`Pair`: the per-step product(s) ``h ↦ h Wᵀ`` of the recurrence
-  (the rule's ``per_step`` kind), the weight prepared once per call (oneDNN: reordered for
+  (the rule's per-step kind), the weight prepared once per call (oneDNN: reordered for
   the batch; ``mm``: a contiguous ``Wᵀ``).
 * :func:`mm_t` (``x Wᵀ``), :func:`tmm` / :func:`tmm_pair` (``Aᵀ B``, the weight gradients
   over all steps): one-off products, no preparation.
@@ -84,22 +85,32 @@ def onednn_runs(device: torch.device, dtype: torch.dtype) -> bool:
             and onednn_available(dtype))
 
 
-def uses_onednn(device: torch.device, dtype: torch.dtype, per_step: bool = False) -> bool:
-    """The rule: oneDNN, where it runs, for CPU bfloat16, for the recurrence's per-step
-    float32 products (``per_step``) on every CPU, and for the other float32 products where
-    torch's CPU kernels are AVX-512; else ``mm``."""
-    if (dtype == torch.float32 and not per_step
+# Off AVX-512, a per-step float32 product against a weight smaller than this stays on
+# ``mm``: such a weight stays in the core's L2 between steps, where MKL is the faster (2 x 200,
+# 640 KB); oneDNN wins on family 23 once each step reads it from L3 (4 MB and up). The module
+# docstring has the figures.
+STEP_WEIGHT_BYTES = 2 << 20
+
+
+def uses_onednn(device: torch.device, dtype: torch.dtype, step_weight: int = 0) -> bool:
+    """The rule: oneDNN, where it runs, for CPU bfloat16; for the recurrence's per-step
+    float32 products (``step_weight``: their weight's element count) where the weight holds
+    at least :data:`STEP_WEIGHT_BYTES`; and for every float32 product where torch's CPU
+    kernels are AVX-512; else ``mm``. ``step_weight`` 0: a product over all steps."""
+    if (dtype == torch.float32 and step_weight * 4 < STEP_WEIGHT_BYTES
             and not torch.backends.cpu.get_cpu_capability().startswith("AVX512")):
         return False
     return onednn_runs(device, dtype)
 
 
-def kernel_name(device: torch.device, dtype: torch.dtype) -> str:
-    """What :func:`uses_onednn` picks (for ``run.json``-style reports and benchmark tables):
-    ``"onednn"`` or ``"mm"`` where both kinds agree, else ``"<per-step>+<the rest>"``, as
-    ``"onednn+mm"`` for float32 on AVX2."""
+def kernel_name(device: torch.device, dtype: torch.dtype, step_weight: int = 0) -> str:
+    """What :func:`uses_onednn` picks for a call whose per-step weight has ``step_weight``
+    elements (for reports and benchmark tables): ``"onednn"`` or ``"mm"`` where the per-step
+    and the other products agree, else ``"<per-step>+<the rest>"``, as ``"onednn+mm"`` for a
+    large float32 weight on AVX2."""
     name = {True: "onednn", False: "mm"}
-    step, rest = uses_onednn(device, dtype, per_step=True), uses_onednn(device, dtype)
+    step = uses_onednn(device, dtype, max(step_weight, 1))
+    rest = uses_onednn(device, dtype)
     return name[step] if step == rest else f"{name[step]}+{name[rest]}"
 
 
@@ -112,7 +123,7 @@ class Linear:
     def __init__(self, w: Tensor, batch: int, dtype: Optional[torch.dtype] = None):
         self.dtype = w.dtype if dtype is None else dtype
         w = w.to(self.dtype)
-        self.onednn = uses_onednn(w.device, self.dtype, per_step=True)
+        self.onednn = uses_onednn(w.device, self.dtype, step_weight=w.numel())
         if self.onednn:
             self.w = torch.ops.mkldnn._reorder_linear_weight(w.contiguous(), batch)
         else:
@@ -133,7 +144,7 @@ class Pair:
 
     def __init__(self, m, batch: int, dtype: Optional[torch.dtype] = None):
         self.dtype = m[0].dtype if dtype is None else dtype
-        self.onednn = uses_onednn(m[0].device, self.dtype, per_step=True)
+        self.onednn = uses_onednn(m[0].device, self.dtype, step_weight=m[0].numel())
         if self.onednn:
             self.lins = (Linear(m[0], batch, self.dtype), Linear(m[1], batch, self.dtype))
         else:

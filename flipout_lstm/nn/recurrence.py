@@ -213,7 +213,7 @@ class LSTMRecurrence(torch.autograd.Function):
         pdt = xproj.dtype if dtype is None else dtype
         cell, cell_name = _cell(xproj, B, H, pdt)
         last_kernels.clear()
-        name = products.kernel_name(xproj.device, pdt)
+        name = products.kernel_name(xproj.device, pdt, step_weight=w.numel())
         last_kernels.update(products=name if pdt == xproj.dtype else f"{name} {pdt}".replace(
             "torch.", ""), cell=cell_name)
         zc_t, zh_t, cm_t = _tiles(zc, T), _tiles(zh, T), _tiles(cm, T)

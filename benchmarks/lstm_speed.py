@@ -222,10 +222,10 @@ def _product_floor(shape, dtype=torch.float32):
     the backward pair ``(δa, δa∘r) (W̄, ΔŴ)``, then the weight gradients of the pair over all
     steps. Two kernel families, the faster one counts: torch's ``mm`` / ``bmm`` (MKL on the
     CPU; the per-step pairs as one ``bmm`` or two ``mm``, whichever is faster), and the
-    layer's own rule (:mod:`flipout_lstm.nn.products`: oneDNN on the CPU). No cell, no noise, no
-    autograd: a lower bound for any implementation built on these kernels (the character
-    shape's first layer even counts the input products that its one-hot lookup avoids), so
-    its ratio to ``torch.nn.LSTM`` says how far below it the flipout target can be met.
+    layer's own rule (:mod:`flipout_lstm.nn.products`: oneDNN or ``mm`` per product). No cell,
+    no noise, no autograd: a lower bound for any implementation built on these kernels (the
+    character shape's first layer even counts the input products that its one-hot lookup
+    avoids), so its ratio to ``torch.nn.LSTM`` says how far below it the flipout target can be met.
     Under ``--precision`` bf16/fp16 its operands are in that dtype, on ``--device``.
     Returns the step and a function naming the family that won."""
     B, T, I, H, L, _ = shape

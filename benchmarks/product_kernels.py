@@ -33,7 +33,7 @@ from lstm_speed import machine  # noqa: E402  (this script's folder is on sys.pa
 SHAPES = {  # batch, steps, input, hidden
     "char": (32, 100, 50, 1000),
     "word": (40, 35, 650, 650),
-    # The PTB study's sizes (recipes/ptb/scale/): the per-step weight of 4 MB and 640 KB on
+    # The PTB study's sizes (recipes/ptb/scale/): the per-step weight of 4 MiB and 625 KiB on
     # either side of the rule's STEP_WEIGHT_BYTES.
     "study-char": (32, 100, 50, 512),
     "study-word": (40, 35, 200, 200),
@@ -145,7 +145,7 @@ def main(argv=None) -> int:
     print(machine())
     print(f"The rule here (torch's CPU kernels: {torch.backends.cpu.get_cpu_capability()}): "
           f"float32 products through oneDNN where it is AVX-512; elsewhere the per-step "
-          f"products against a weight of {products.STEP_WEIGHT_BYTES >> 20} MiB or more too, "
+          f"products against a weight of {products.STEP_WEIGHT_BYTES / 2 ** 20:g} MiB or more too, "
           f"the rest through mm\n")
     pairs = {"both": ["char", "word"], "study": ["study-char", "study-word"]}
     shapes = ["quick"] if args.quick else pairs.get(args.shape, [args.shape])

@@ -177,7 +177,22 @@ def test_the_rule_follows_the_cpu_isa(isa, monkeypatch):
     assert products.uses_onednn(cpu, torch.bfloat16) == products.onednn_available(torch.bfloat16)
     leaves, noise = _inputs(torch.float32, "flip", torch.Generator().manual_seed(5))
     _run(leaves, noise)
-    assert recurrence.last_kernels["products"] == products.kernel_name(cpu, torch.float32)
+    small = "onednn" if avx512 else "mm"
+    assert recurrence.last_kernels["products"] == small      # H = 4: a 256-byte weight
+    # With the threshold under that weight, the recurrence's per-step products (its Pair,
+    # forward and backward) switch and it says so: it hands the rule its weight's size.
+    monkeypatch.setattr(products, "STEP_WEIGHT_BYTES", 4 * 4 * H * H)
+    seen = []
+    real_pair = products.Pair.__init__
+
+    def spy(self, m, batch, dtype=None):
+        real_pair(self, m, batch, dtype)
+        seen.append(self.onednn)
+    monkeypatch.setattr(products.Pair, "__init__", spy)
+    _run(leaves, noise)
+    assert seen == [ONEDNN_RUNS, ONEDNN_RUNS]                 # the forward and backward pair
+    assert recurrence.last_kernels["products"] == (
+        "mm" if not ONEDNN_RUNS else "onednn" if avx512 else "onednn+mm")
 
 
 @pytest.mark.skipif(not ONEDNN_RUNS, reason="oneDNN matmul unavailable in this torch build")

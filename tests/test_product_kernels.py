@@ -43,15 +43,20 @@ def test_pinned_moves_every_product_and_restores_the_rule(bench):
 
 
 @pytest.mark.skipif(not ONEDNN_RUNS, reason="oneDNN's matmul does not run in this torch build")
-def test_quick_prints_the_rule_and_a_table_whose_ratios_are_its_columns(bench, capsys):
+def test_quick_prints_the_rule_and_a_table_whose_ratios_are_its_columns(bench, capsys,
+                                                                          monkeypatch):
+    # As on AVX2 with the quick shape's weight (4 x 128 x 128 floats, 256 KiB) at the
+    # threshold: the per-step products on oneDNN, the rest on mm, so the rule's total mixes
+    # the two columns.
+    monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda: "AVX2")
+    monkeypatch.setattr(products, "STEP_WEIGHT_BYTES", 1 << 18)
     assert bench.main(["--quick", "--rounds", "2",
                        "--threads", str(torch.get_num_threads())]) == 0
     lines = capsys.readouterr().out.splitlines()
     assert lines[0].startswith("CPU: ") and "; ISA: " in lines[0]
-    assert lines[1] == (f"The rule here (torch's CPU kernels: "
-                        f"{torch.backends.cpu.get_cpu_capability()}): float32 products through "
-                        f"oneDNN where it is AVX-512; elsewhere the per-step products against a "
-                        f"weight of 2 MiB or more too, the rest through mm")
+    assert lines[1] == ("The rule here (torch's CPU kernels: AVX2): float32 products through "
+                        "oneDNN where it is AVX-512; elsewhere the per-step products against a "
+                        "weight of 0.25 MiB or more too, the rest through mm")
     head = re.fullmatch(r"### quick: batch 8, 10 steps, 64 -> 128, one layer's products "
                         r"\(median ms; torch.nn.LSTM fwd\+bwd ([\d.]+) ms\)", lines[3])
     assert head, lines[3]
@@ -69,6 +74,7 @@ def test_quick_prints_the_rule_and_a_table_whose_ratios_are_its_columns(bench, c
     # from the other's; (1.00x torch.nn.LSTM = the reference's median ms from the header).
     cpu, f32 = torch.device("cpu"), torch.float32
     step, rest = (products.uses_onednn(cpu, f32, n) for n in (4 * 128 * 128, 0))  # H = 128
+    assert (step, rest) == (True, False)
     kind = lambda k: "oneDNN" if k else "mm"  # noqa: E731
     tail = [ln for ln in lines[7:] if ln and not ln.startswith("|")][0]
     got = re.fullmatch(rf"The rule here \(per-step {kind(step)}, the rest {kind(rest)}\): "
@@ -90,14 +96,16 @@ def test_rounds_below_one_is_a_one_line_error(bench, capsys):
 
 
 @pytest.mark.skipif(not ONEDNN_RUNS, reason="oneDNN's matmul does not run in this torch build")
-def test_study_shapes_straddle_the_per_step_threshold(bench, capsys):
-    # The study's two sizes are the evidence for products.STEP_WEIGHT_BYTES: one on each side.
-    sizes = {n: 4 * 4 * bench.SHAPES[n][3] ** 2 for n in ("study-char", "study-word")}
-    assert sizes["study-word"] < products.STEP_WEIGHT_BYTES <= sizes["study-char"]
-    assert bench.main(["--shape", "study-word", "--rounds", "1",
+def test_study_shapes_fall_on_either_side_of_the_per_step_threshold(bench, capsys, monkeypatch):
+    # The study's two sizes are the evidence for products.STEP_WEIGHT_BYTES: as on AVX2, the
+    # char size's per-step products take oneDNN, the word size's stay on mm with the rest.
+    monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda: "AVX2")
+    assert bench.main(["--shape", "study", "--rounds", "1",
                        "--threads", str(torch.get_num_threads())]) == 0
     out = capsys.readouterr().out
-    assert "### study-word: batch 40, 35 steps, 200 -> 200, one layer's products" in out
-    avx512 = torch.backends.cpu.get_cpu_capability().startswith("AVX512")
-    step = "oneDNN" if avx512 else "mm"                  # 640 KB: below the threshold
-    assert f"The rule here (per-step {step}, the rest {step}): " in out
+    for shape, head, step in (
+            ("study-char", "batch 32, 100 steps, 50 -> 512", "oneDNN"),    # 4 MiB
+            ("study-word", "batch 40, 35 steps, 200 -> 200", "mm")):       # 625 KiB
+        part = out.split(f"### {shape}: ")[1].split("###")[0]
+        assert part.startswith(f"{head}, one layer's products"), part[:80]
+        assert f"The rule here (per-step {step}, the rest mm): " in part

@@ -1,4 +1,4 @@
-"""The layer's matrix products, each by one fixed kernel per device, dtype, CPU ISA and kind.
+"""The layer's matrix products, each by one fixed kernel per device, dtype, CPU ISA, kind and size.
 
 Rule: on the CPU, oneDNN's matmul primitive (``torch.ops.mkldnn._linear_pointwise``, the op
 torch's own CPU compiler emits for ``linear``; where this torch build lacks it, or it fails a
@@ -22,10 +22,10 @@ against the whole weight) depend on the weight's size and the CPU: on family 23 
 the char shape's forward pair ran 1.31-1.35x and its backward pair 1.04-1.05x faster through
 oneDNN, which took the layer's Gal, zoneout and Semeniuta rows there from 1.19-1.31x to
 1.05-1.08x ``torch.nn.LSTM``; on family 25 the two kernels are within 6% either way at 512
-units and more. Against the PTB study's 2 x 200 weight (640 KB, which stays in the core's
-cache between steps) oneDNN is the slower on both: 1.23-1.37x on family 25 (2026-12-04), and
-``train.py``'s WD + Flipout step 1.08x faster with these products on ``mm``; hence the
-threshold (``docs/performance.md``).
+units and more. Against the PTB study's 2 x 200 weight (625 KiB) oneDNN is the slower on
+both: its per-step pairs 1.23-1.37x slower on family 25 (2026-12-04), the layer 3-5% slower
+on family 23 (2026-12-03), and ``train.py``'s WD + Flipout step 1.08x faster on family 25
+with these products on ``mm``; hence the threshold (``docs/performance.md``).
 
 * :class:`Linear` / :class:`Pair`: the per-step product(s) ``h ↦ h Wᵀ`` of the recurrence
   (the rule's per-step kind), the weight prepared once per call (oneDNN: reordered for
@@ -85,10 +85,10 @@ def onednn_runs(device: torch.device, dtype: torch.dtype) -> bool:
             and onednn_available(dtype))
 
 
-# Off AVX-512, a per-step float32 product against a weight smaller than this stays on
-# ``mm``: such a weight stays in the core's L2 between steps, where MKL is the faster (2 x 200,
-# 640 KB); oneDNN wins on family 23 once each step reads it from L3 (4 MB and up). The module
-# docstring has the figures.
+# Off AVX-512, a per-step float32 product against a weight (one matrix; flipout's pair reads
+# two) smaller than this stays on ``mm``: measured on two AVX2 EPYCs, MKL is the faster at
+# 2 x 200 (625 KiB) and oneDNN on family 23 at 512 units (4 MiB) and more. The module
+# docstring and docs/performance.md have the figures; nothing between was measured.
 STEP_WEIGHT_BYTES = 2 << 20
 
 
@@ -97,7 +97,7 @@ def uses_onednn(device: torch.device, dtype: torch.dtype, step_weight: int = 0) 
     float32 products (``step_weight``: their weight's element count) where the weight holds
     at least :data:`STEP_WEIGHT_BYTES`; and for every float32 product where torch's CPU
     kernels are AVX-512; else ``mm``. ``step_weight`` 0: a product over all steps."""
-    if (dtype == torch.float32 and step_weight * 4 < STEP_WEIGHT_BYTES
+    if (dtype == torch.float32 and step_weight * dtype.itemsize < STEP_WEIGHT_BYTES
             and not torch.backends.cpu.get_cpu_capability().startswith("AVX512")):
         return False
     return onednn_runs(device, dtype)
@@ -107,7 +107,8 @@ def kernel_name(device: torch.device, dtype: torch.dtype, step_weight: int = 0) 
     """What :func:`uses_onednn` picks for a call whose per-step weight has ``step_weight``
     elements (for reports and benchmark tables): ``"onednn"`` or ``"mm"`` where the per-step
     and the other products agree, else ``"<per-step>+<the rest>"``, as ``"onednn+mm"`` for a
-    large float32 weight on AVX2."""
+    large float32 weight on AVX2. Left out, ``step_weight`` counts as a weight below
+    :data:`STEP_WEIGHT_BYTES`."""
     name = {True: "onednn", False: "mm"}
     step = uses_onednn(device, dtype, max(step_weight, 1))
     rest = uses_onednn(device, dtype)

@@ -32,13 +32,13 @@ Every factor of the δa_t lines that does not depend on the incoming gradient is
 the forward step (``k``, ``k_c``), so the backward loop itself is the recurrent product(s)
 and a handful of elementwise ops per step.
 
-Kernels, one fixed choice per device and dtype (nothing is timed, so the numbers of a run
-never depend on which candidate won a race):
+Kernels, one fixed choice per device, dtype, CPU ISA and weight size (nothing is timed, so
+the numbers of a run never depend on which candidate won a race):
 
 * the per-step products ``p0 = h̃ W̄ᵀ`` (and ``p1 = (h̃∘s) ΔŴᵀ``) and the backward ones
-  ``δa W̄`` (and ``(δa∘r) ΔŴ``): :mod:`flipout_lstm.nn.products`, oneDNN's matmul primitive on a
-  weight reordered once per call on the CPU (float32), ``mm`` / one batched ``bmm`` for the
-  flipout pair elsewhere;
+  ``δa W̄`` (and ``(δa∘r) ΔŴ``): :mod:`flipout_lstm.nn.products` by its rule, oneDNN's
+  matmul primitive on a weight reordered once per call, or ``mm`` / one batched ``bmm`` for
+  the flipout pair;
 * the pointwise cell, forward (``a = xproj_t + p0 + p1∘r`` through ``h_t``, ``k_t``, and
   the next step's product inputs) and backward (``δĉ``, ``δa_t``, ``δc_{t-1}``, then
   ``δh_{t-1}`` from the backward products): one compiled loop per stage

@@ -1,6 +1,6 @@
 """The documentation's promises: the README's layer snippet runs as written, its first commands
 are the project's two set-up commands, and every recipe, flag, override key and relative link
-that README.md and docs/ name exists."""
+that README.md and docs/ name exists, anchors included."""
 import functools
 import glob
 import os
@@ -181,3 +181,33 @@ def test_commands_use_flags_and_keys_that_exist(page):
             elif tool in OVERRIDES and re.match(r"[a-z_]+(\.[a-z_]+)+=", arg):
                 key = arg.split("=")[0]
                 assert key in keys, f"{rel(page)}: {tool} {arg}: no config key {key}"
+
+
+def heading_anchors(body):
+    """The anchors GitHub gives a page's headings: lower case, punctuation dropped (letters,
+    digits, spaces, hyphens and underscores kept), spaces to hyphens, repeats numbered."""
+    seen, anchors = {}, set()
+    for title in re.findall(r"^#{1,6} +(.+?) *#*$", without_code_blocks(body), flags=re.M):
+        slug = re.sub(r"[^\w\- ]", "", title.strip().lower()).replace(" ", "-")
+        n = seen.get(slug, 0)
+        seen[slug] = n + 1
+        anchors.add(slug if n == 0 else f"{slug}-{n}")
+    return anchors
+
+
+def test_heading_anchors_follow_github():
+    body = "# A: b's `c` (2026-12-04)\n## A: b's `c` (2026-12-04)\n```\n# not a heading\n```\n"
+    assert heading_anchors(body) == {"a-bs-c-2026-12-04", "a-bs-c-2026-12-04-1"}
+
+
+@pytest.mark.parametrize("page", PAGES, ids=rel)
+def test_anchored_links_point_to_existing_headings(page):
+    for target in re.findall(r"\[[^\]]*\]\(([^)\s]+)\)", without_code_blocks(text(page))):
+        if re.match(r"[a-z]+:", target) or "#" not in target:
+            continue
+        path, anchor = target.split("#", 1)
+        linked = (page.parent / path) if path else page
+        if linked.suffix != ".md" or not linked.is_file():
+            continue  # a missing file is test_relative_links_point_to_existing_files' to report
+        assert anchor in heading_anchors(text(linked)), (
+            f"{rel(page)} links to {target}, but {rel(linked)} has no heading with that anchor")

@@ -5,9 +5,9 @@
 
 The evidence behind :mod:`flipout_lstm.nn.products`' fixed rule (oneDNN for every float32
 product where torch's CPU kernels are AVX-512; on AVX2, oneDNN for the recurrence's per-step
-products against a weight of 2 MiB or more and MKL's ``mm`` for the rest). Each product of a flipout call runs
-through the layer's own code (``products.Pair``, ``tmm``, ``mm_t``) with the rule pinned to
-each kernel in turn, alternately in one process (the order flips every round, so load from
+products against a weight of 2 MiB or more and MKL's ``mm`` for the rest). Each product of a
+flipout call runs through the layer's own code (``products.Pair``, ``tmm``, ``mm_t``) with the
+rule pinned to each kernel in turn, alternately in one process (the order flips every round, so load from
 other processes mostly cancels); ``torch.nn.LSTM``'s forward and backward is timed in the
 same rounds. Prints the CPU line, then per shape a table of median milliseconds, the ratio
 oneDNN / ``mm``, and the products' total as a ratio to ``torch.nn.LSTM`` under each kernel

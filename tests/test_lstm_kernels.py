@@ -177,8 +177,8 @@ def test_the_rule_follows_the_cpu_isa(isa, monkeypatch):
     assert products.uses_onednn(cpu, torch.bfloat16) == products.onednn_available(torch.bfloat16)
     leaves, noise = _inputs(torch.float32, "flip", torch.Generator().manual_seed(5))
     _run(leaves, noise)
-    small = "onednn" if avx512 else "mm"
-    assert recurrence.last_kernels["products"] == small      # H = 4: a 256-byte weight
+    assert recurrence.last_kernels["products"] == (          # H = 4: a 256-byte weight
+        "onednn" if avx512 else "mm")
     # With the threshold under that weight, the recurrence's per-step products (its Pair,
     # forward and backward) switch and it says so: it hands the rule its weight's size.
     monkeypatch.setattr(products, "STEP_WEIGHT_BYTES", 4 * 4 * H * H)

@@ -110,8 +110,7 @@ def kernel_name(device: torch.device, dtype: torch.dtype, step_weight: int = 0) 
     large float32 weight on AVX2. Left out, ``step_weight`` counts as a weight below
     :data:`STEP_WEIGHT_BYTES`."""
     name = {True: "onednn", False: "mm"}
-    step = uses_onednn(device, dtype, max(step_weight, 1))
-    rest = uses_onednn(device, dtype)
+    step, rest = uses_onednn(device, dtype, step_weight), uses_onednn(device, dtype)
     return name[step] if step == rest else f"{name[step]}+{name[rest]}"
 
 

@@ -22,9 +22,10 @@ from flipout_lstm.fileio import atomic_write_bytes
 
 def provenance(step: int, precision: str) -> dict:
     """What trains a run from ``step`` on: the code's git commit (``+`` if the work tree has
-    changes), torch, the CPU (model, family, torch's ISA level) and the precision. ``run.json``
-    lists one such segment per start or resume, so a run resumed on other code or another
-    machine says so."""
+    changes), torch, the CPU (name, family and model numbers, torch's ISA level and the
+    bfloat16 instructions it has, which set bf16's speed: AVX512-BF16 alone or with AMX) and
+    the precision. ``run.json`` lists one such segment per start or resume, so a run resumed
+    on other code or another machine says so."""
     def git(*args):
         try:
             return subprocess.run(["git", *args], cwd=Path(__file__).resolve().parent, text=True,
@@ -38,13 +39,15 @@ def provenance(step: int, precision: str) -> dict:
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
             key, _, value = line.partition(":")
-            if key.strip() in ("model name", "cpu family") and key.strip() not in cpu:
+            if key.strip() in ("model name", "cpu family", "model", "flags") and key.strip() not in cpu:
                 cpu[key.strip()] = value.strip()
     except OSError:
         pass
+    bf16 = [f for f in ("avx512_bf16", "amx_bf16") if f in cpu.get("flags", "").split()]
+    isa = ", ".join([torch.backends.cpu.get_cpu_capability(), *bf16])
     return {"step": step, "code": commit or None, "torch": str(torch.__version__),
             "cpu": f"{cpu.get('model name', platform.machine())} (family {cpu.get('cpu family', '?')}, "
-                   f"{torch.backends.cpu.get_cpu_capability()})",
+                   f"model {cpu.get('model', '?')}, {isa})",
             "precision": precision}
 
 

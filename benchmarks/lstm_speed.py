@@ -39,7 +39,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import platform
 import statistics
 import subprocess
 import sys
@@ -54,7 +53,7 @@ from flipout_lstm import precision as lm_precision  # noqa: E402
 from flipout_lstm.config import resolve_device  # noqa: E402
 from flipout_lstm.errors import ConfigError  # noqa: E402
 from flipout_lstm.nn import LSTM  # noqa: E402
-from flipout_lstm.nn import fused_cell, products, recurrence  # noqa: E402
+from flipout_lstm.nn import cpuinfo, fused_cell, products, recurrence  # noqa: E402
 
 SHAPES = {
     # name: (batch, steps, input, hidden, layers, index_input)
@@ -87,23 +86,13 @@ def _threads() -> str:
 def machine() -> str:
     """One line: CPU model, vector ISA, threads, torch, the heap's setting and the env vars
     that limit or change these."""
-    model, flags = platform.processor() or platform.machine(), set()
-    try:
-        with open("/proc/cpuinfo") as fh:
-            for line in fh:
-                if line.startswith("model name") and model in ("", platform.machine()):
-                    model = line.split(":", 1)[1].strip()
-                elif line.startswith("flags") and not flags:
-                    flags = set(line.split(":", 1)[1].split())
-    except OSError:
-        pass
-    isa = [name for name, flag in (("AVX2", "avx2"), ("AVX-512", "avx512f"),
-                                   ("AVX512-BF16", "avx512_bf16"), ("AMX", "amx_tile"))
-           if flag in flags] or ["no AVX2"]
+    cpu = cpuinfo.cpu()
+    isa = [name for flag, name in (("avx2", "AVX2"), ("avx512f", "AVX-512"), *cpuinfo.BF16_FLAGS.items())
+           if flag in cpu.flags] or ["no AVX2"]
     env = [f"{k}={os.environ[k]}" for k in ENV_VARS if k in os.environ]
     cell = ("compiled cell available" if fused_cell.library() is not None
             else f"compiled cell unavailable ({fused_cell.build_error})")
-    return (f"CPU: {model} ({os.cpu_count()} logical CPUs); ISA: {' + '.join(isa)}; "
+    return (f"CPU: {cpu.name} ({os.cpu_count()} logical CPUs); ISA: {' + '.join(isa)}; "
             f"torch {torch.__version__}, {_threads()}; {cell}; "
             + ("freed memory kept" if heap.kept() else "glibc heap defaults")
             + (f"; env: {' '.join(env)}" if env else ""))

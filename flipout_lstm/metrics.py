@@ -11,13 +11,13 @@ from __future__ import annotations
 import json
 import math
 import os
-import platform
 import subprocess
 from pathlib import Path
 
 import torch
 
 from flipout_lstm.fileio import atomic_write_bytes
+from flipout_lstm.nn import cpuinfo
 
 
 def provenance(step: int, precision: str) -> dict:
@@ -35,19 +35,10 @@ def provenance(step: int, precision: str) -> dict:
     commit = git("rev-parse", "--short=12", "HEAD")
     if commit and git("status", "--porcelain", "--untracked-files=no"):
         commit += "+"
-    cpu = {}
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            key, _, value = line.partition(":")
-            if key.strip() in ("model name", "cpu family", "model", "flags") and key.strip() not in cpu:
-                cpu[key.strip()] = value.strip()
-    except OSError:
-        pass
-    bf16 = [f for f in ("avx512_bf16", "amx_bf16") if f in cpu.get("flags", "").split()]
-    isa = ", ".join([torch.backends.cpu.get_cpu_capability(), *bf16])
+    cpu = cpuinfo.cpu()
+    isa = ", ".join([torch.backends.cpu.get_cpu_capability(), *cpu.bf16_flags()])
     return {"step": step, "code": commit or None, "torch": str(torch.__version__),
-            "cpu": f"{cpu.get('model name', platform.machine())} (family {cpu.get('cpu family', '?')}, "
-                   f"model {cpu.get('model', '?')}, {isa})",
+            "cpu": f"{cpu.name} (family {cpu.family}, model {cpu.model}, {isa})",
             "precision": precision}
 
 

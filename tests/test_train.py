@@ -352,20 +352,6 @@ def test_resume_refuses_a_changed_experiment_and_applies_a_changed_bound(tiny_pt
     assert all(s["precision"] == "fp32" and s["torch"] == torch.__version__ and s["cpu"] for s in segments)
 
 
-def test_provenance_names_the_cpu_model_and_its_bfloat16_instructions():
-    """bfloat16's speed differs between CPUs of one family (Intel's are all family 6) and between
-    AVX512-BF16 alone and with AMX, so a segment's CPU names the model number and those flags."""
-    from flipout_lstm.metrics import provenance
-    info = {}
-    for line in Path("/proc/cpuinfo").read_text().splitlines():
-        key, _, value = line.partition(":")
-        info.setdefault(key.strip(), value.strip())
-    cpu = provenance(0, "fp32")["cpu"]
-    assert cpu.startswith(f"{info['model name']} (family {info['cpu family']}, model {info['model']}, ")
-    for flag in ("avx512_bf16", "amx_bf16"):
-        assert (f", {flag}" in cpu) == (flag in info["flags"].split()), (flag, cpu)
-
-
 def test_zaremba_small_recipe_steps_its_rate_per_epoch(tiny_ptb, tmp_path):
     """The anchor recipe's schedule through train.py: the logged rate of every step of epoch e
     is 20 / 2^max(0, e - 4) (e from 1), and a resume mid-epoch keeps it."""

@@ -37,12 +37,13 @@ from __future__ import annotations
 
 import hashlib
 import os
-import platform
 import threading
 from typing import Optional
 
 import torch
 from torch import Tensor
+
+from flipout_lstm.nn import cpuinfo
 
 _SOURCE = r"""
 #include <array>
@@ -291,12 +292,8 @@ build_error: Optional[str] = None        # why the module is unavailable (for re
 
 def _cpu_id() -> str:
     """The CPU model and flags: ``-march=native`` code is only valid on the CPU it was built on."""
-    try:
-        with open("/proc/cpuinfo") as fh:
-            lines = [ln for ln in fh if ln.startswith(("model name", "flags"))][:2]
-        return "".join(lines)
-    except OSError:
-        return platform.processor() + platform.machine()
+    this = cpuinfo.cpu()
+    return f"{this.name}\n{' '.join(sorted(this.flags))}"
 
 
 def _build():

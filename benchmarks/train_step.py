@@ -2,7 +2,7 @@
 
     python benchmarks/train_step.py [--recipes recipes/char_ptb.yaml recipes/word_ptb.yaml]
                                     [--precision fp32 [bf16 ...]] [--steps 12] [--warmup 3]
-                                    [--threads N] [--data-root DIR]
+                                    [--threads N [N ...]] [--data-root DIR]
 
 For each recipe (full size: its model, optimizer, batch and BPTT; any recipe ``train.py``
 takes, the study scales such as ``recipes/ptb/word_wd_flipout.yaml`` or
@@ -24,9 +24,12 @@ The table gives the median step of each after the warm-up and the overhead
 ``train / bare - 1`` (target <= 5%), and the same from the fastest step of each, which on a
 shared, loaded machine is the steadier estimate of what the loop itself costs, and each
 loop's tokens per second (the median over the timed steps of the step's target tokens over
-its time). With more than one precision, a second table gives ``train.py``'s tokens/s per
-precision and each one's speed relative to fp32 (``bf16/fp32`` > 1: bf16 is faster), all
-measured in this one process. The corpus is the real training split (full
+its time). With more than one precision or thread count (``--threads 1 2``: ``train.threads``,
+and ``torch.set_num_threads`` for the bare loop, each in turn), a second table gives
+``train.py``'s tokens/s per setting and each one's speed relative to the first (fp32 where it
+is timed, and the first thread count; ``bf16/fp32`` > 1: bf16 is faster), all measured in this
+one process. Two threads on one run against two runs on a core each is the choice a study on
+a 2-core machine makes: a run that cannot finish in a session on one core may on two. The corpus is the real training split (full
 vocabulary) with the first lines of the validation and test splits, so the run's closing
 evaluation stays short; ``--data-root`` names the folder with the PTB files (default
 ``$LM_DATA_ROOT``, else ``../shared/data/ptb``).
@@ -151,6 +154,32 @@ def tokens_per_s(times: list[float], tokens: list[int]) -> float:
     return statistics.median(n / t for n, t in zip(tokens, times))
 
 
+def speed_table(speed: dict, recipes: list[str], precisions: list[str], threads: list,
+                default_threads: int) -> str:
+    """``train.py``'s tokens/s per setting (precision, thread count) and each setting's speed
+    relative to the base: fp32 where it was timed, else the first precision, at the first
+    thread count. A setting is named by what varies: ``bf16``, ``2 threads`` or both."""
+    base_prec = "fp32" if "fp32" in precisions else precisions[0]
+    base = (base_prec, threads[0])
+
+    def name(prec, th):
+        parts = ([prec] if len(precisions) > 1 else []) + \
+            ([f"{th or default_threads} thread{'s' * ((th or default_threads) > 1)}"]
+             if len(threads) > 1 else [])
+        return " ".join(parts)
+
+    settings = [(p, t) for p in precisions for t in threads]
+    others = [s for s in settings if s != base]
+    lines = ["| recipe | " + " | ".join(f"{name(*s)} tokens/s" for s in settings) + " | "
+             + " | ".join(f"{name(*s)}/{name(*base)} speed" for s in others) + " |",
+             "|---|" + "---:|" * (len(settings) + len(others))]
+    for recipe in recipes:
+        b = speed[(recipe, *base)]
+        lines.append(f"| {recipe} | " + " | ".join(f"{speed[(recipe, *s)]:,.0f}" for s in settings)
+                     + " | " + " | ".join(f"{speed[(recipe, *s)] / b:.2f}x" for s in others) + " |")
+    return "\n".join(lines)
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--recipes", nargs="+",
@@ -159,11 +188,17 @@ def main(argv=None):
     ap.add_argument("--warmup", type=int, default=3, help="untimed steps first")
     ap.add_argument("--precision", nargs="+", default=["fp32"], choices=["fp32", "bf16"],
                     help="train.precision values to time, each in turn (bf16: native only)")
-    ap.add_argument("--threads", type=int, default=None)
+    ap.add_argument("--threads", type=int, nargs="+", default=[None],
+                    help="CPU threads to time, each in turn (default: torch's)")
     ap.add_argument("--data-root", default=os.environ.get("LM_DATA_ROOT")
                     or str(REPO.parent / "shared" / "data" / "ptb"))
     args = ap.parse_args(argv)
     precisions = list(dict.fromkeys(args.precision))  # in order, once each
+    threads = list(dict.fromkeys(args.threads))
+    if any(t is not None and t < 1 for t in threads):
+        print("train_step.py: error: --threads takes positive numbers of threads, "
+              f"got {' '.join(map(str, args.threads))}", file=sys.stderr)
+        return 2
     try:
         for p in precisions:
             lm_precision.resolve(p, torch.device("cpu"), where="--precision")
@@ -172,46 +207,45 @@ def main(argv=None):
         return 2
     if missing_recipes("train_step.py", args.recipes):
         return 2
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    default_threads = torch.get_num_threads()
     heap.keep_freed_memory()  # as train.py sets it, for the bare loop too
     n = args.warmup + args.steps
     print(machine())
-    print(f"Device: cpu; precision: {' '.join(precisions)}; {args.steps} timed steps after "
-          f"{args.warmup} warm-up")
+    print(f"Device: cpu; precision: {' '.join(precisions)}; threads: "
+          f"{' '.join(str(t or default_threads) for t in threads)}; {args.steps} timed steps "
+          f"after {args.warmup} warm-up")
     print()
-    print("| recipe | precision | train.py step (ms) | bare step (ms) | overhead (median) "
-          "| overhead (fastest) | target | train.py tokens/s | bare tokens/s |")
-    print("|---|---|---:|---:|---:|---:|---:|---:|---:|")
-    speed = {}  # (recipe, precision): train.py tokens/s
+    print("| recipe | precision | threads | train.py step (ms) | bare step (ms) "
+          "| overhead (median) | overhead (fastest) | target | train.py tokens/s "
+          "| bare tokens/s |")
+    print("|---|---|---:|---:|---:|---:|---:|---:|---:|---:|")
+    settings = [(p, t) for p in precisions for t in threads]
+    speed = {}  # (recipe, precision, threads): train.py tokens/s
     with tempfile.TemporaryDirectory() as tmp:
         root = small_eval_corpus(Path(args.data_root), Path(tmp) / "ptb")
         for recipe in args.recipes:
-            for prec in precisions:
-                out = Path(tmp) / f"{Path(recipe).stem}-{prec}"
-                ov = overrides(root, out, n, args.threads, prec)
+            for prec, th in settings:
+                out = Path(tmp) / f"{Path(recipe).stem}-{prec}-{th}"
+                ov = overrides(root, out, n, th, prec)
+                # train.py sets train.threads; None leaves torch's default, so restore it.
+                torch.set_num_threads(th or default_threads)
                 trainer_all = time_trainer(recipe, ov)
+                torch.set_num_threads(th or default_threads)
                 bare_all, tokens = time_bare(recipe, ov, n)
                 # trainer_all[j] runs from optimizer step j + 1 to j + 2: batch j + 1's work.
                 trainer, trainer_tok = trainer_all[args.warmup:], tokens[args.warmup + 1:]
                 bare, bare_tok = bare_all[args.warmup:], tokens[args.warmup:]
                 t, b = statistics.median(trainer), statistics.median(bare)
                 over, over_min = t / b - 1, min(trainer) / min(bare) - 1
-                speed[recipe, prec] = tokens_per_s(trainer, trainer_tok)
-                print(f"| {recipe} | {prec} | {t * 1e3:.1f} | {b * 1e3:.1f} | {over * 100:+.1f}% "
-                      f"| {over_min * 100:+.1f}% | <= 5% ({'pass' if over <= 0.05 else 'FAIL'}) "
-                      f"| {speed[recipe, prec]:,.0f} | {tokens_per_s(bare, bare_tok):,.0f} |")
+                speed[recipe, prec, th] = tokens_per_s(trainer, trainer_tok)
+                print(f"| {recipe} | {prec} | {th or default_threads} | {t * 1e3:.1f} "
+                      f"| {b * 1e3:.1f} | {over * 100:+.1f}% | {over_min * 100:+.1f}% "
+                      f"| <= 5% ({'pass' if over <= 0.05 else 'FAIL'}) "
+                      f"| {speed[recipe, prec, th]:,.0f} | {tokens_per_s(bare, bare_tok):,.0f} |")
                 sys.stdout.flush()
-    others = [p for p in precisions if p != "fp32"]
-    if "fp32" in precisions and others:
+    if len(settings) > 1:
         print()
-        print("| recipe | " + " | ".join(f"{p} tokens/s" for p in precisions) + " | "
-              + " | ".join(f"{p}/fp32 speed" for p in others) + " |")
-        print("|---|" + "---:|" * (len(precisions) + len(others)))
-        for recipe in args.recipes:
-            base = speed[recipe, "fp32"]
-            print(f"| {recipe} | " + " | ".join(f"{speed[recipe, p]:,.0f}" for p in precisions)
-                  + " | " + " | ".join(f"{speed[recipe, p] / base:.2f}x" for p in others) + " |")
+        print(speed_table(speed, args.recipes, precisions, threads, default_threads))
     return 0
 
 

@@ -29,15 +29,50 @@ def test_train_step_fp32_bf16_tokens_and_ratio(ptb_root):
                "recipes/zaremba_small.yaml", "--steps", "2", "--warmup", "1", env=env)
     assert res.returncode == 0, res.stderr[-2000:]
     out = res.stdout
-    assert out.splitlines()[1].startswith("Device: cpu; precision: fp32 bf16;")
+    assert out.splitlines()[1].startswith("Device: cpu; precision: fp32 bf16; threads: 1;")
     for prec in ("fp32", "bf16"):
-        row = re.search(rf"^\| recipes/zaremba_small\.yaml \| {prec} \| [\d.]+ \| [\d.]+ \| "
+        row = re.search(rf"^\| recipes/zaremba_small\.yaml \| {prec} \| 1 \| [\d.]+ \| [\d.]+ \| "
                         r"[-+][\d.]+% \| [-+][\d.]+% \| <= 5% \((pass|FAIL)\) "
                         r"\| [\d,]+ \| [\d,]+ \|$", out, re.M)
         assert row, (prec, out)
     assert "| recipe | fp32 tokens/s | bf16 tokens/s | bf16/fp32 speed |" in out
     assert re.search(r"^\| recipes/zaremba_small\.yaml \| [\d,]+ \| [\d,]+ \| [\d.]+x \|$", out,
                      re.M), out
+
+
+def test_train_step_times_each_thread_count_in_one_process(ptb_root):
+    """``--threads 1 2``: a row per thread count, and 2 threads' speed against 1's."""
+    env = dict(os.environ, LM_DATA_ROOT=str(ptb_root))
+    res = _run("--threads", "1", "2", "--recipes", "recipes/zaremba_small.yaml", "--steps", "2",
+               "--warmup", "1", env=env)
+    assert res.returncode == 0, res.stderr[-2000:]
+    out = res.stdout
+    assert out.splitlines()[1].startswith("Device: cpu; precision: fp32; threads: 1 2;")
+    for th in (1, 2):
+        assert re.search(rf"^\| recipes/zaremba_small\.yaml \| fp32 \| {th} \| [\d.]+ \|", out,
+                         re.M), (th, out)
+    assert "| recipe | 1 thread tokens/s | 2 threads tokens/s | 2 threads/1 thread speed |" in out
+    assert re.search(r"^\| recipes/zaremba_small\.yaml \| [\d,]+ \| [\d,]+ \| [\d.]+x \|$", out,
+                     re.M), out
+
+
+def test_speed_table_names_what_varies_against_the_base(monkeypatch):
+    monkeypatch.syspath_prepend(str(REPO / "benchmarks"))
+    from train_step import speed_table
+    speed = {("r.yaml", p, t): v for (p, t), v in
+             {("bf16", 1): 300.0, ("bf16", 2): 450.0, ("fp32", 1): 150.0, ("fp32", 2): 200.0}.items()}
+    table = speed_table(speed, ["r.yaml"], ["bf16", "fp32"], [1, 2], 2).splitlines()
+    # The base is fp32 at the first thread count, wherever fp32 stands in the list.
+    assert table[0] == ("| recipe | bf16 1 thread tokens/s | bf16 2 threads tokens/s "
+                        "| fp32 1 thread tokens/s | fp32 2 threads tokens/s "
+                        "| bf16 1 thread/fp32 1 thread speed | bf16 2 threads/fp32 1 thread speed "
+                        "| fp32 2 threads/fp32 1 thread speed |")
+    assert table[2] == "| r.yaml | 300 | 450 | 150 | 200 | 2.00x | 3.00x | 1.33x |"
+    # Threads not given: torch's default names the column only when thread counts vary.
+    one = speed_table({("r.yaml", "fp32", None): 100.0, ("r.yaml", "bf16", None): 150.0},
+                      ["r.yaml"], ["fp32", "bf16"], [None], 2).splitlines()
+    assert one[0] == "| recipe | fp32 tokens/s | bf16 tokens/s | bf16/fp32 speed |"
+    assert one[2] == "| r.yaml | 100 | 150 | 1.50x |"
 
 
 def test_train_step_refuses_fp16_and_missing_recipes(monkeypatch):
@@ -47,3 +82,7 @@ def test_train_step_refuses_fp16_and_missing_recipes(monkeypatch):
     res = run_main("train_step.py", "--recipes", "recipes/no_such.yaml")
     assert res.returncode == 2
     assert res.stderr.strip() == "train_step.py: error: no such recipe: recipes/no_such.yaml"
+    res = run_main("train_step.py", "--threads", "2", "0")
+    assert res.returncode == 2
+    assert res.stderr.strip() == ("train_step.py: error: --threads takes positive numbers of "
+                                  "threads, got 2 0")

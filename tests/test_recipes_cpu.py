@@ -192,12 +192,14 @@ def test_the_files_a_study_collects_are_not_ignored_by_git(study):
     assert ignored == [], f"git ignores collected run files: {ignored}"
 
 
-def test_a_study_part_on_a_new_machine_skips_the_runs_committed_here(tmp_path):
+@pytest.mark.parametrize("threads", ["1", "2"])
+def test_a_study_part_on_a_new_machine_skips_the_runs_committed_here(tmp_path, threads):
     """``study.sh anchor`` with an empty output folder (a new machine) copies the committed
-    runs' files into it, so the sweep counts them done instead of training them again."""
+    runs' files into it, so the sweep counts them done instead of training them again; a part
+    run on both cores (THREADS=2: a bookkeeping override) counts them done too."""
     runs = sorted(p.name for p in (REPO / "results" / "ptb" / "anchor" / "runs").iterdir())
     seeds = ",".join(r.rsplit("-s", 1)[1] for r in runs)
-    env = dict(os.environ, STUDY_OUT=str(tmp_path), SEEDS=seeds)
+    env = dict(os.environ, STUDY_OUT=str(tmp_path), SEEDS=seeds, THREADS=threads)
     res = subprocess.run(["bash", "results/ptb/study.sh", "anchor"], cwd=REPO, env=env,
                          capture_output=True, text=True, timeout=120)
     assert res.returncode == 0, res.stderr[-2000:]

@@ -3,13 +3,16 @@
 # interrupted one continues from its checkpoint. One thread per run; pin each part to its own
 # core, e.g.
 #   LM_DATA_ROOT=../shared/data/ptb taskset -c 1 bash results/ptb/study.sh anchor
+# or, where a run on one core would not finish in a session, one part on both (THREADS=2):
+#   LM_DATA_ROOT=../shared/data/ptb THREADS=2 bash results/ptb/study.sh word-key
 # then `collect` copies the finished runs into results/ptb/ and writes the reports.
 # Parts, in the order the issue asks for: anchor, the pilots, the key rows (seed 1, then the
 # other seeds), the other rows, for words then characters; the large-batch pair.
 set -euo pipefail
-export OMP_NUM_THREADS=1
+threads=${THREADS:-1}
+export OMP_NUM_THREADS=$threads
 out=${STUDY_OUT:-checkpoints/ptb}
-common=(train.tensorboard=false train.threads=1)
+common=(train.tensorboard=false train.threads=$threads)
 sweep() { python -m flipout_lstm.sweep "$@" "${common[@]}"; }
 # A new machine's $out lacks the runs committed here: copy their files in (never over a run
 # dir already there), so that the sweep counts them done instead of training them again.

@@ -29,10 +29,10 @@ and ``torch.set_num_threads`` for the bare loop, each in turn), a second table g
 ``train.py``'s tokens/s per setting and each one's speed relative to the first (fp32 where it
 is timed, and the first thread count; ``bf16/fp32`` > 1: bf16 is faster), all measured in this
 one process. Two threads on one run against two runs on a core each is the choice a study on
-a 2-core machine makes: a run that cannot finish in a session on one core may on two. The corpus is the real training split (full
-vocabulary) with the first lines of the validation and test splits, so the run's closing
-evaluation stays short; ``--data-root`` names the folder with the PTB files (default
-``$LM_DATA_ROOT``, else ``../shared/data/ptb``).
+a 2-core machine makes: a run that cannot finish in a session on one core may on two. The
+corpus is the real training split (full vocabulary) with the first lines of the validation and
+test splits, so the run's closing evaluation stays short; ``--data-root`` names the folder
+with the PTB files (default ``$LM_DATA_ROOT``, else ``../shared/data/ptb``).
 """
 from __future__ import annotations
 
@@ -154,8 +154,8 @@ def tokens_per_s(times: list[float], tokens: list[int]) -> float:
     return statistics.median(n / t for n, t in zip(tokens, times))
 
 
-def speed_table(speed: dict, recipes: list[str], precisions: list[str], threads: list,
-                default_threads: int) -> str:
+def speed_table(speed: dict, recipes: list[str], precisions: list[str],
+                threads: list[int]) -> str:
     """``train.py``'s tokens/s per setting (precision, thread count) and each setting's speed
     relative to the base: fp32 where it was timed, else the first precision, at the first
     thread count. A setting is named by what varies: ``bf16``, ``2 threads`` or both."""
@@ -164,8 +164,7 @@ def speed_table(speed: dict, recipes: list[str], precisions: list[str], threads:
 
     def name(prec, th):
         parts = ([prec] if len(precisions) > 1 else []) + \
-            ([f"{th or default_threads} thread{'s' * ((th or default_threads) > 1)}"]
-             if len(threads) > 1 else [])
+            ([f"{th} thread{'s' * (th > 1)}"] if len(threads) > 1 else [])
         return " ".join(parts)
 
     settings = [(p, t) for p in precisions for t in threads]
@@ -194,8 +193,7 @@ def main(argv=None):
                     or str(REPO.parent / "shared" / "data" / "ptb"))
     args = ap.parse_args(argv)
     precisions = list(dict.fromkeys(args.precision))  # in order, once each
-    threads = list(dict.fromkeys(args.threads))
-    if any(t is not None and t < 1 for t in threads):
+    if any(t is not None and t < 1 for t in args.threads):
         print("train_step.py: error: --threads takes positive numbers of threads, "
               f"got {' '.join(map(str, args.threads))}", file=sys.stderr)
         return 2
@@ -207,12 +205,13 @@ def main(argv=None):
         return 2
     if missing_recipes("train_step.py", args.recipes):
         return 2
-    default_threads = torch.get_num_threads()
+    # Not given: torch's default, named and set like any other count.
+    threads = list(dict.fromkeys(t or torch.get_num_threads() for t in args.threads))
     heap.keep_freed_memory()  # as train.py sets it, for the bare loop too
     n = args.warmup + args.steps
     print(machine())
     print(f"Device: cpu; precision: {' '.join(precisions)}; threads: "
-          f"{' '.join(str(t or default_threads) for t in threads)}; {args.steps} timed steps "
+          f"{' '.join(map(str, threads))}; {args.steps} timed steps "
           f"after {args.warmup} warm-up")
     print()
     print("| recipe | precision | threads | train.py step (ms) | bare step (ms) "
@@ -227,10 +226,8 @@ def main(argv=None):
             for prec, th in settings:
                 out = Path(tmp) / f"{Path(recipe).stem}-{prec}-{th}"
                 ov = overrides(root, out, n, th, prec)
-                # train.py sets train.threads; None leaves torch's default, so restore it.
-                torch.set_num_threads(th or default_threads)
+                torch.set_num_threads(th)  # as train.py does from train.threads
                 trainer_all = time_trainer(recipe, ov)
-                torch.set_num_threads(th or default_threads)
                 bare_all, tokens = time_bare(recipe, ov, n)
                 # trainer_all[j] runs from optimizer step j + 1 to j + 2: batch j + 1's work.
                 trainer, trainer_tok = trainer_all[args.warmup:], tokens[args.warmup + 1:]
@@ -238,14 +235,14 @@ def main(argv=None):
                 t, b = statistics.median(trainer), statistics.median(bare)
                 over, over_min = t / b - 1, min(trainer) / min(bare) - 1
                 speed[recipe, prec, th] = tokens_per_s(trainer, trainer_tok)
-                print(f"| {recipe} | {prec} | {th or default_threads} | {t * 1e3:.1f} "
+                print(f"| {recipe} | {prec} | {th} | {t * 1e3:.1f} "
                       f"| {b * 1e3:.1f} | {over * 100:+.1f}% | {over_min * 100:+.1f}% "
                       f"| <= 5% ({'pass' if over <= 0.05 else 'FAIL'}) "
                       f"| {speed[recipe, prec, th]:,.0f} | {tokens_per_s(bare, bare_tok):,.0f} |")
                 sys.stdout.flush()
     if len(settings) > 1:
         print()
-        print(speed_table(speed, args.recipes, precisions, threads, default_threads))
+        print(speed_table(speed, args.recipes, precisions, threads))
     return 0
 
 

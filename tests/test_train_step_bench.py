@@ -59,18 +59,18 @@ def test_train_step_times_each_thread_count_in_one_process(ptb_root):
 def test_speed_table_names_what_varies_against_the_base(monkeypatch):
     monkeypatch.syspath_prepend(str(REPO / "benchmarks"))
     from train_step import speed_table
-    speed = {("r.yaml", p, t): v for (p, t), v in
-             {("bf16", 1): 300.0, ("bf16", 2): 450.0, ("fp32", 1): 150.0, ("fp32", 2): 200.0}.items()}
-    table = speed_table(speed, ["r.yaml"], ["bf16", "fp32"], [1, 2], 2).splitlines()
+    tokens = {("bf16", 1): 300.0, ("bf16", 2): 450.0, ("fp32", 1): 150.0, ("fp32", 2): 200.0}
+    speed = {("r.yaml", p, t): v for (p, t), v in tokens.items()}
+    table = speed_table(speed, ["r.yaml"], ["bf16", "fp32"], [1, 2]).splitlines()
     # The base is fp32 at the first thread count, wherever fp32 stands in the list.
     assert table[0] == ("| recipe | bf16 1 thread tokens/s | bf16 2 threads tokens/s "
                         "| fp32 1 thread tokens/s | fp32 2 threads tokens/s "
                         "| bf16 1 thread/fp32 1 thread speed | bf16 2 threads/fp32 1 thread speed "
                         "| fp32 2 threads/fp32 1 thread speed |")
     assert table[2] == "| r.yaml | 300 | 450 | 150 | 200 | 2.00x | 3.00x | 1.33x |"
-    # Threads not given: torch's default names the column only when thread counts vary.
-    one = speed_table({("r.yaml", "fp32", None): 100.0, ("r.yaml", "bf16", None): 150.0},
-                      ["r.yaml"], ["fp32", "bf16"], [None], 2).splitlines()
+    # One thread count: the columns name the precision alone.
+    one = speed_table({("r.yaml", "fp32", 2): 100.0, ("r.yaml", "bf16", 2): 150.0},
+                      ["r.yaml"], ["fp32", "bf16"], [2]).splitlines()
     assert one[0] == "| recipe | fp32 tokens/s | bf16 tokens/s | bf16/fp32 speed |"
     assert one[2] == "| r.yaml | 100 | 150 | 1.50x |"
 

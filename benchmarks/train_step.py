@@ -193,6 +193,10 @@ def main(argv=None):
                     or str(REPO.parent / "shared" / "data" / "ptb"))
     args = ap.parse_args(argv)
     precisions = list(dict.fromkeys(args.precision))  # in order, once each
+    if args.steps < 2:  # the trainer's step is timed between optimizer steps: one gives none
+        print(f"train_step.py: error: --steps must be at least 2, got {args.steps}",
+              file=sys.stderr)
+        return 2
     if any(t is not None and t < 1 for t in args.threads):
         print("train_step.py: error: --threads takes positive numbers of threads, "
               f"got {' '.join(map(str, args.threads))}", file=sys.stderr)

@@ -82,6 +82,9 @@ def test_train_step_refuses_fp16_and_missing_recipes(monkeypatch):
     res = run_main("train_step.py", "--recipes", "recipes/no_such.yaml")
     assert res.returncode == 2
     assert res.stderr.strip() == "train_step.py: error: no such recipe: recipes/no_such.yaml"
+    res = run_main("train_step.py", "--steps", "1")
+    assert res.returncode == 2
+    assert res.stderr.strip() == "train_step.py: error: --steps must be at least 2, got 1"
     res = run_main("train_step.py", "--threads", "2", "0")
     assert res.returncode == 2
     assert res.stderr.strip() == ("train_step.py: error: --threads takes positive numbers of "

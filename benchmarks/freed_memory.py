@@ -44,6 +44,25 @@ def time_arm(recipe: str, ov: list[str], steps: int, warmup: int, arm: str) -> l
     return times[warmup:]
 
 
+def alternate(arms: tuple[str, str], repeats: int, run) -> dict[str, list[list[float]]]:
+    """Each arm's timed steps, a list per repeat: ``run(arm)`` for both arms in turn, in
+    reverse order every other repeat, so that load from other processes falls on both alike."""
+    steps: dict[str, list[list[float]]] = {a: [] for a in arms}
+    for r in range(repeats):
+        for a in (arms if r % 2 == 0 else arms[::-1]):
+            steps[a].append(run(a))
+    return steps
+
+
+def compare(steps: dict[str, list[list[float]]], first: str, second: str):
+    """Each arm's median step, the speed-up (first / second; > 1: the second is faster) and
+    the median of the repeats' own ratios."""
+    a, b = (statistics.median(t for rep in steps[arm] for t in rep) for arm in (first, second))
+    per_repeat = statistics.median(statistics.median(x) / statistics.median(y)
+                                   for x, y in zip(steps[first], steps[second]))
+    return a, b, a / b, per_repeat
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--recipes", nargs="+", default=DEFAULT_RECIPES)
@@ -72,14 +91,10 @@ def main(argv=None) -> int:
         root = small_eval_corpus(Path(args.data_root), Path(tmp) / "ptb")
         for recipe in args.recipes:
             ov = overrides(root, Path(tmp) / "out", args.warmup + args.steps, args.threads)
-            steps = {a: [] for a in ARMS}
-            for r in range(args.repeats):
-                for a in (ARMS if r % 2 == 0 else ARMS[::-1]):
-                    steps[a].append(time_arm(recipe, ov, args.steps, args.warmup, a))
-            glibc, kept = (statistics.median(t for rep in steps[a] for t in rep) for a in ARMS)
-            per_repeat = statistics.median(statistics.median(g) / statistics.median(k)
-                                           for g, k in zip(steps["glibc"], steps["kept"]))
-            print(f"| {recipe} | {glibc * 1e3:.0f} | {kept * 1e3:.0f} | {glibc / kept:.2f}x "
+            steps = alternate(ARMS, args.repeats,
+                              lambda a: time_arm(recipe, ov, args.steps, args.warmup, a))
+            glibc, kept, speed_up, per_repeat = compare(steps, *ARMS)
+            print(f"| {recipe} | {glibc * 1e3:.0f} | {kept * 1e3:.0f} | {speed_up:.2f}x "
                   f"| {per_repeat:.2f}x |")
             sys.stdout.flush()
     return 0

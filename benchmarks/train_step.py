@@ -132,7 +132,7 @@ def time_bare(recipe: str, ov: list[str], steps: int) -> tuple[list[float], list
         state = detach_state(state) if dc.carry_state else None
         with lm_precision.autocast(prec, device):
             logits, state, _ = model(batch.input, state)
-            loss = cross_entropy_sum(logits.float(), batch.target) / batch.target.numel()
+            loss = cross_entropy_sum(logits, batch.target) / batch.target.numel()
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, clip)

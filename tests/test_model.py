@@ -102,3 +102,62 @@ def test_uniform_init_draws_every_weight_in_range_and_zeroes_the_lstm_biases():
         else:
             assert p.abs().max() <= 0.05 and p.abs().max() > 0.045, name  # the whole range is used
             assert abs(p.mean().item()) < 0.01 and abs(p.std().item() - 0.05 / 3 ** 0.5) < 0.005, name
+
+
+def _torch_nll(logits, target):
+    return torch.nn.functional.cross_entropy(logits.float(), target, reduction="none")
+
+
+@pytest.mark.parametrize("rows", [1, 3, 7, 50])  # 7 leaves a ragged last block of 20 rows
+def test_blocked_nll_is_torch_cross_entropy_in_float64(rows):
+    from flipout_lstm.model import _BlockedNLL
+    torch.manual_seed(0)
+    logits = (3 * torch.randn(20, 11, dtype=torch.float64)).requires_grad_()
+    target = torch.randint(0, 11, (20,))
+    weights = torch.rand(20, dtype=torch.float64)  # a row-dependent upstream gradient
+    ref = torch.nn.functional.cross_entropy(logits, target, reduction="none")
+    (ref_grad,) = torch.autograd.grad((ref * weights).sum(), logits)
+    got = _BlockedNLL.apply(logits, target, rows)
+    (grad,) = torch.autograd.grad((got * weights).sum(), logits)
+    assert torch.allclose(got.double(), ref, rtol=1e-6, atol=1e-6)  # lse is kept in float32
+    assert torch.allclose(grad, ref_grad, rtol=1e-6, atol=1e-7)
+    assert grad.dtype == logits.dtype
+
+
+def test_blocked_nll_passes_gradcheck():
+    from flipout_lstm.model import _BlockedNLL
+    torch.manual_seed(1)
+    logits = torch.randn(6, 5, dtype=torch.float64, requires_grad=True)
+    target = torch.randint(0, 5, (6,))
+    # lse is float32, so the loss is exact to about 1e-7: gradcheck's steps must see past that.
+    assert torch.autograd.gradcheck(lambda z: _BlockedNLL.apply(z, target, 4), (logits,),
+                                     eps=1e-3, atol=1e-4, rtol=1e-3)
+
+
+def test_cross_entropy_sum_takes_blocks_above_the_threshold_with_the_same_numbers(monkeypatch):
+    """Above BLOCKED_LOSS_ABOVE logits (lowered here to 100) the loss runs by blocks: the same
+    loss to float32 rounding, masks applied, and bfloat16 logits get a bfloat16 gradient
+    within bfloat16 rounding of torch's, with no float32 copy of the logits on the graph."""
+    from flipout_lstm import model as lm_model
+    torch.manual_seed(2)
+    logits = (2 * torch.randn(5, 4, 30)).to(torch.bfloat16).requires_grad_()
+    target = torch.randint(0, 30, (5, 4))
+    mask = torch.rand(5, 4) > 0.3
+    ref = lm_model.cross_entropy_sum(logits, target, mask)  # 600 logits: torch's path
+    (ref_grad,) = torch.autograd.grad(ref, logits)
+    monkeypatch.setattr(lm_model, "BLOCKED_LOSS_ABOVE", 100)
+    monkeypatch.setattr(lm_model, "BLOCK_ELEMENTS", 64)  # 2 rows a block
+    got = lm_model.cross_entropy_sum(logits, target, mask)
+    (grad,) = torch.autograd.grad(got, logits)
+    names = set()
+    todo = [got.grad_fn]
+    while todo:
+        fn = todo.pop()
+        if fn is not None:
+            names.add(type(fn).__name__)
+            todo.extend(f for f, _ in fn.next_functions)
+    assert "_BlockedNLLBackward" in names and "ToCopyBackward0" not in names
+    assert torch.allclose(got, ref, rtol=1e-6)
+    assert grad.dtype == torch.bfloat16
+    assert torch.allclose(grad.float(), ref_grad.float(), rtol=1e-2, atol=1e-4)
+    assert (grad.float().abs().sum(-1)[~mask] == 0).all()  # masked positions get no gradient

@@ -1,5 +1,6 @@
-"""Smoke test: the trainer-step benchmark times train.py's step per precision (one small
-recipe, three steps, the real corpus; about 15 s on one core)."""
+"""Smoke tests of the trainer-step benchmarks: train_step.py times train.py's step per precision
+and thread count (one small recipe, three steps, the real corpus; about 15 s on one core);
+blocked_loss.py times the step with the loss by row blocks against torch's."""
 import os
 import re
 import subprocess
@@ -10,7 +11,7 @@ import pytest
 import torch
 
 from conftest import run_main
-from flipout_lstm import precision
+from flipout_lstm import heap, precision
 
 REPO = Path(__file__).resolve().parent.parent
 SCRIPT = REPO / "benchmarks" / "train_step.py"
@@ -89,3 +90,41 @@ def test_train_step_refuses_fp16_and_missing_recipes(monkeypatch):
     assert res.returncode == 2
     assert res.stderr.strip() == ("train_step.py: error: --threads takes positive numbers of "
                                   "threads, got 2 0")
+
+
+def test_blocked_loss_benchmark_table(tiny_ptb, monkeypatch, capsys):
+    """benchmarks/blocked_loss.py: a row per recipe and heap setting, both arms, their ratios
+    and which one the rule takes; the rule and glibc's settings back afterwards."""
+    from flipout_lstm import model as lm_model
+    monkeypatch.chdir(REPO)
+    monkeypatch.syspath_prepend(str(REPO / "benchmarks"))
+    import blocked_loss
+    rule, kept = lm_model.BLOCKED_LOSS_ABOVE, heap.kept()
+    try:
+        rc = blocked_loss.main(["--recipes", "recipes/zaremba_small.yaml", "--precision", "fp32",
+                                "--heap", "kept", "glibc", "--steps", "1", "--warmup", "0",
+                                "--set", "data.batch_size=4", "--data-root", str(tiny_ptb)])
+        after = heap.kept()
+    finally:
+        heap.keep_freed_memory(kept)
+    assert rc == 0
+    out = capsys.readouterr().out
+    assert "| recipe | heap | logits a step | rule takes | torch step (ms) | blocks step (ms)" in out
+    for setting in ("kept", "glibc"):
+        assert re.search(rf"^\| recipes/zaremba_small\.yaml data\.batch_size=4 \| {setting} "
+                         r"\| [\d,]+ \| torch"
+                         r"( \| \d+){2}( \| [\d.]+x){2} \|$", out, re.M), out
+    assert lm_model.BLOCKED_LOSS_ABOVE == rule and not after
+
+
+def test_blocked_loss_benchmark_refuses_bad_arguments(monkeypatch):
+    monkeypatch.syspath_prepend(str(REPO / "benchmarks"))
+    res = run_main("blocked_loss.py", "--recipes", "recipes/no_such.yaml")
+    assert res.returncode == 2
+    assert res.stderr.strip() == "blocked_loss.py: error: no such recipe: recipes/no_such.yaml"
+    res = run_main("blocked_loss.py", "--set", "data.batch_size=-1")
+    assert res.returncode == 2
+    assert res.stderr.startswith("blocked_loss.py: error: ") and "batch_size" in res.stderr
+    res = run_main("blocked_loss.py", "--steps", "0")
+    assert res.returncode == 2
+    assert res.stderr.strip() == "blocked_loss.py: error: --steps and --repeats must be at least 1"

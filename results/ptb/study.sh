@@ -76,9 +76,9 @@ case "${1:?usage: study.sh $parts}" in
     committed char
     sweep "${char_other[@]}" --seeds 1,2 --out "$out/char" ;;
   large-batch)
-    # The appendix's pair at batch 640, 3 seeds per arm. glibc's heap defaults: kept for reuse
-    # (flipout_lstm/heap.py) a run's peak memory went from 9.0 to 13.7 GB, too much for two
-    # runs on a 24 GB machine, one a core; the numbers are the same either way.
+    # The appendix's pair at batch 640, 3 seeds per arm. glibc's heap defaults: with the loss by
+    # row blocks the step is as fast as with freed memory kept (flipout_lstm/heap.py), and the
+    # peak is lower (3.5 against 5.1 GB, docs/performance.md); the numbers are the same either way.
     committed large_batch
     LM_KEEP_FREED_MEMORY=0 sweep $r/large_batch_wd.yaml $r/large_batch_wd_flipout.yaml --seeds 1,2,3 --out "$out/large_batch" ;;
   collect)
